@@ -66,7 +66,14 @@ class FibonacciRpcClient:
         queue: str = "rpc_queue",
         retries: int = 1,
     ) -> None:
-        self.parameters = pika.URLParameters(url or os.environ.get("AMQP_URL") or DEFAULT_URL)
+        try:
+            self.parameters = pika.URLParameters(url or os.environ.get("AMQP_URL") or DEFAULT_URL)
+        except ValueError as error:
+            raise ValueError(f"invalid broker URL: {error}") from None
+        self.parameters.client_properties = {
+            "connection_name": "rpc_client",  # shown in the broker's list of connections
+            **(self.parameters.client_properties or {}),
+        }
         self.timeout = timeout
         self.queue = queue
         self.retries = retries  # calls sent again after a lost connection; fib is idempotent

@@ -205,8 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parameters = pika.URLParameters(args.url)
     except ValueError as error:
-        print(f"rpc_server: invalid --url or AMQP_URL: {error}", file=sys.stderr)
+        print(f"rpc_server: invalid broker URL: {error}", file=sys.stderr)
         return 2
+    # Named in the broker's list of connections, unless the URL names it.
+    parameters.client_properties = {
+        "connection_name": "rpc_server",
+        **(parameters.client_properties or {}),
+    }
     where = describe(parameters)
     stopping = threading.Event()
     connection: pika.BlockingConnection | None = None
@@ -232,9 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve(connection, args, worker, stopping)
         except (ProbableAuthenticationError, ProbableAccessDeniedError, AMQPChannelError) as error:
             # Retrying cannot mend refused credentials or a queue declared otherwise.
-            print(f"rpc_server: {where}: {error!r}", file=sys.stderr)
+            print(f"rpc_server: the broker at {where} refused: {error!r}", file=sys.stderr)
             return 1
-        except AMQPConnectionError as error:
+        except (AMQPConnectionError, OSError) as error:  # OSError: no such host
             if connection is None:  # never connected: most likely a wrong URL
                 print(
                     f"rpc_server: cannot connect to the broker at {where}: {error!r}",
