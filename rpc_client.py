@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 
 import pika
@@ -31,6 +32,10 @@ LOGGER = logging.getLogger("rpc_client")
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_TIMEOUT = 10.0  # seconds
+# NOTE: a reply that has not come this many seconds after its request makes the
+# client ask the broker whether any server consumes the queue, so that a call
+# with no server fails fast; replies that come sooner cost no such question.
+CHECK_AFTER = 0.25
 
 
 class RpcError(Exception):
@@ -128,12 +133,7 @@ class FibonacciRpcClient:
                 if self.connection is None or not self.channel.is_open:
                     self.connect()
                 self.corr_id = self.send(n, deadline)
-                try:
-                    self.wait([self.corr_id], deadline)
-                    kind, body = self.responses[self.corr_id]
-                finally:
-                    del self.responses[self.corr_id]  # a late reply is now a stray one
-                return self.result(kind, body)
+                return self.result(*self.wait(self.corr_id, deadline))
             except AMQPConnectionError as error:
                 self.connection = None  # the next attempt, or call, reconnects
                 if attempt == self.retries:
@@ -143,13 +143,41 @@ class FibonacciRpcClient:
                 LOGGER.warning("connection lost during a call (%r); sending again", error)
         raise AssertionError("unreachable")
 
+    def call_many(
+        self, ns: Sequence[int], window: int = 100, timeout: float | None = None
+    ) -> list[int]:
+        """Return [fib(n) for n in ns], with up to window requests in flight at once.
+
+        Each request has call()'s timeout and raises as call() would; the first
+        failure in the order of ns raises. A lost connection is not retried here.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        if self.connection is None or not self.channel.is_open:
+            self.connect()
+        results: list[int] = []
+        in_flight: deque[tuple[str, float]] = deque()  # (corr_id, deadline), oldest first
+        try:
+            for n in ns:
+                deadline = time.monotonic() + timeout
+                in_flight.append((self.send(n, deadline), deadline))
+                if len(in_flight) == window:
+                    results.append(self.result(*self.wait(*in_flight.popleft())))
+            while in_flight:
+                results.append(self.result(*self.wait(*in_flight.popleft())))
+        except AMQPConnectionError as error:
+            self.connection = None
+            raise RpcConnectionError(f"connection to {self.where} lost: {error!r}") from None
+        finally:
+            for corr_id, _ in in_flight:  # their replies, if any come, are strays now
+                self.responses.pop(corr_id, None)
+        return results
+
     def send(self, n: int, deadline: float) -> str:
         """Publish a request for fib(n); return its correlation_id."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RpcTimeoutError(f"fib({n}): timed out before it was sent")
         corr_id = str(uuid.uuid4())
-        self.responses[corr_id] = None
         self.channel.basic_publish(
             exchange="",
             routing_key=self.queue,
@@ -162,30 +190,37 @@ class FibonacciRpcClient:
             ),
             body=str(n),
         )
-        # NOTE: asked after the publish, so the server is already at work while
-        # the broker answers: does the queue exist, and does anyone consume it?
+        self.responses[corr_id] = None
+        return corr_id
+
+    def wait(self, corr_id: str, deadline: float) -> tuple[str | None, bytes]:
+        """Process events until corr_id's reply comes; return its type and body."""
+        check_at = time.monotonic() + CHECK_AFTER
+        try:
+            while self.responses[corr_id] is None:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise RpcTimeoutError(f"no reply within the timeout from {self.queue!r}")
+                if now >= check_at:
+                    self.check_server()
+                    check_at = deadline
+                # Blocks until an event or the time limit: no busy loop.
+                self.connection.process_data_events(time_limit=min(deadline, check_at) - now)
+            return self.responses[corr_id]
+        finally:
+            del self.responses[corr_id]  # a late reply is a stray one now
+
+    def check_server(self) -> None:
+        """Raise NoServerError unless the queue exists and a server consumes it."""
         try:
             declared = self.channel.queue_declare(queue=self.queue, passive=True)
-        except ChannelClosedByBroker as error:  # 404: the queue does not exist
-            del self.responses[corr_id]
+        except ChannelClosedByBroker as error:  # 404: no such queue
             self.close()  # the broker closed the channel: the next call reconnects
             raise NoServerError(
                 f"no RPC server is consuming {self.queue!r}: {error.reply_text}"
             ) from None
         if declared.method.consumer_count == 0:
-            del self.responses[corr_id]
             raise NoServerError(f"no RPC server is consuming {self.queue!r}")
-        return corr_id
-
-    def wait(self, corr_ids: Sequence[str], deadline: float) -> None:
-        """Process events until every corr_id has its reply; raise at the deadline."""
-        for corr_id in corr_ids:
-            while self.responses[corr_id] is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RpcTimeoutError(f"no reply within the timeout from {self.queue!r}")
-                # Blocks until an event or the time limit: no busy loop.
-                self.connection.process_data_events(time_limit=remaining)
 
     @staticmethod
     def result(kind: str | None, body: bytes) -> int:

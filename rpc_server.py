@@ -140,10 +140,13 @@ def serve(
             ch.basic_ack(delivery_tag=method.delivery_tag)
             return
         in_hand.add(method.delivery_tag)
-        # NOTE: the work runs on another thread so that this one goes on
-        # answering heartbeats: a callback that blocks for two heartbeat
-        # intervals gets the connection closed by the broker.
-        worker.submit(work, method.delivery_tag, props, body)
+        if len(body) <= 4:  # n < 10000, or not a number: microseconds of work
+            reply(method.delivery_tag, props, *respond(body, args.max_n, args.quiet))
+        else:
+            # NOTE: longer work runs on another thread so that this one goes on
+            # answering heartbeats: a callback that blocks for two heartbeat
+            # intervals gets the connection closed by the broker.
+            worker.submit(work, method.delivery_tag, props, body)
 
     channel.basic_consume(queue=args.queue, on_message_callback=on_request)
     print(" [x] Awaiting RPC requests", flush=True)
@@ -248,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             # A lost connection, a broker restart: back off, capped, with jitter
             # so that a fleet of servers does not reconnect in step.
-            delay = min(BACKOFF_CAP, 0.25 * 2**attempt) * random.uniform(0.5, 1)
+            delay = min(BACKOFF_CAP, 0.1 * 2**attempt) * random.uniform(0.5, 1)
             attempt += 1
             LOGGER.warning(
                 "connection to %s lost (%r); reconnecting in %.1f s", where, error, delay
