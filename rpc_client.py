@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Request fib(n) from the RPC server of tutorial 6 and print the answers.",
         epilog="Heartbeat, TLS and connection retry settings go in the URL's query string, "
-        "e.g. amqp://guest:guest@localhost:5672/%%2F?heartbeat=30&connection_attempts=5",
+        "e.g. amqp://guest:guest@localhost:5672/%2F?heartbeat=30&connection_attempts=5",
     )
     parser.add_argument("n", nargs="*", type=int, default=[30], help="n to request (default: 30)")
     parser.add_argument(

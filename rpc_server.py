@@ -161,7 +161,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Answer fib(n) requests from a RabbitMQ queue: the RPC server of tutorial 6.",
         epilog="Heartbeat, TLS and connection retry settings go in the URL's query string, "
-        "e.g. amqp://guest:guest@localhost:5672/%%2F?heartbeat=30&connection_attempts=5",
+        "e.g. amqp://guest:guest@localhost:5672/%2F?heartbeat=30&connection_attempts=5",
     )
     parser.add_argument(
         "--url",

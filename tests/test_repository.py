@@ -1,0 +1,39 @@
+"""The files around the scripts: the compose file's shape and the quickstart's demo command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import yaml
+
+from tests.conftest import ROOT
+
+
+def test_compose_file_runs_a_current_rabbitmq_with_a_healthcheck() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    (service,) = compose["services"].values()
+    assert service["image"].startswith("rabbitmq:4")
+    assert "management" in service["image"]
+    assert {"5672:5672", "15672:15672"} <= set(service["ports"])
+    # `docker compose up --wait` waits on this: it must really ping the broker.
+    assert service["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
+
+
+def test_readme_quickstart_names_the_two_commands_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "./scripts/demo" in readme and "./scripts/test" in readme
+    assert "./scripts/test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_demo_prints_fib_30(amqp_url: str) -> None:
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "AMQP_URL": amqp_url},
+    )
+    assert done.returncode == 0, done.stderr
+    assert " [x] Requesting fib(30)\n [.] Got 832040\n" in done.stdout
+    assert "[server]  [.] fib(30)" in done.stdout
