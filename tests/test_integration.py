@@ -98,6 +98,7 @@ def test_large_results_arrive_whole(start_server, client) -> None:
         (b"1000001", "invalid request: n must be an integer from 0 to 1000000, got '1000001'"),
         (b"7" * 100_000, "invalid request: request body is 100000 bytes, the limit is 64"),
     ],
+    ids=["letters", "negative", "float", "empty", "not-utf8", "over-max-n", "oversized"],
 )
 def test_bad_input_gets_an_error_reply_and_the_server_goes_on(
     start_server,
