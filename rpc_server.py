@@ -29,8 +29,6 @@ from pika.exceptions import (
     AMQPChannelError,
     AMQPConnectionError,
     ConnectionWrongStateError,
-    ProbableAccessDeniedError,
-    ProbableAuthenticationError,
 )
 from pika.spec import Basic
 
@@ -238,12 +236,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             LOGGER.info("connected to %s", where)
             attempt = 0
             serve(connection, args, worker, stopping)
-        except (ProbableAuthenticationError, ProbableAccessDeniedError, AMQPChannelError) as error:
-            # Retrying cannot mend refused credentials or a queue declared otherwise.
+        except AMQPChannelError as error:
+            # Retrying cannot mend a queue declared otherwise, or a missing permission.
             print(f"rpc_server: the broker at {where} refused: {error!r}", file=sys.stderr)
             return 1
         except (AMQPConnectionError, OSError) as error:  # OSError: no such host
-            if connection is None:  # never connected: most likely a wrong URL
+            # NOTE: pika reports a connection reset during the handshake (a broker
+            # restarting) as an authentication error, so only the first connection
+            # gives up: then the URL, user or password is most likely wrong.
+            if connection is None:
                 print(
                     f"rpc_server: cannot connect to the broker at {where}: {error!r}",
                     file=sys.stderr,
