@@ -91,7 +91,7 @@ class FibonacciRpcClient:
         self.close()
         try:
             self.connection = pika.BlockingConnection(self.parameters)
-        except AMQPConnectionError as error:
+        except (AMQPConnectionError, OSError) as error:  # OSError: no such host
             raise RpcConnectionError(
                 f"cannot connect to the broker at {self.where}: {error!r}"
             ) from None
