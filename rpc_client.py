@@ -151,6 +151,8 @@ class FibonacciRpcClient:
         Each request has call()'s timeout and raises as call() would; the first
         failure in the order of ns raises. A lost connection is not retried here.
         """
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
         timeout = self.timeout if timeout is None else timeout
         if self.connection is None or not self.channel.is_open:
             self.connect()
