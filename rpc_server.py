@@ -4,7 +4,7 @@
 It consumes requests from rpc_queue, computes fib(n) and publishes the answer to the
 request's reply_to queue with the request's correlation_id. Start several servers to
 share the load. Beyond the tutorial, for production: bad requests get an error reply
-instead of killing the server, n is bounded, the work runs off the connection's thread
+instead of killing the server, n is bounded, the work runs in a worker process
 so heartbeats keep flowing, a lost connection is re-established, and SIGINT/SIGTERM
 finish the request in hand before exiting.
 """
@@ -15,15 +15,19 @@ import argparse
 import decimal
 import functools
 import logging
+import multiprocessing
 import os
 import random
 import signal
 import sys
 import threading
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import pika
+import pika.data
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import (
     AMQPChannelError,
@@ -43,6 +47,8 @@ QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
 MAX_N = 1_000_000
 MAX_BODY = 64  # bytes; a decimal n needs eight
 BACKOFF_CAP = 5.0  # seconds between reconnection attempts, at most
+INLINE_N = 100_000  # smaller n take 2 ms at most: answered at once, no worker
+PIKA_DECODE_VALUE = pika.data.decode_value
 
 
 def fib(n: int) -> decimal.Decimal:
@@ -75,33 +81,59 @@ def parse_request(body: bytes, max_n: int) -> int:
     return int(text)
 
 
-def respond(body: bytes, max_n: int, quiet: bool = False) -> tuple[str | None, bytes]:
-    """Return the reply's message type (None, or "error") and body for a request."""
+def answer(n: int) -> bytes:
+    """The reply's body for n: fib(n) in decimal digits."""
+    return str(fib(n)).encode()
+
+
+def decode_value(encoded: bytes, offset: int) -> tuple[object, int]:
+    """pika's decoder of a header value, but a timestamp it cannot represent is None.
+
+    NOTE: other clients can send a timestamp header past the year 9999. pika's error
+    on it drops the connection before we see the request, and the broker redelivers
+    that request to us again and again: one message would stop the server for good.
+    """
     try:
-        n = parse_request(body, max_n)
-    except ValueError as error:
-        LOGGER.info("invalid request: %s", error)
-        return "error", f"invalid request: {error}".encode()
-    if not quiet:
-        print(f" [.] fib({n})", flush=True)
-    try:
-        return None, str(fib(n)).encode()
-    except Exception as error:  # one request's failure must not stop the server
-        LOGGER.exception("fib(%d) failed", n)
-        return "error", f"server error: {type(error).__name__}".encode()
+        return PIKA_DECODE_VALUE(encoded, offset)
+    except (OverflowError, ValueError, OSError):  # what datetime.fromtimestamp raises
+        if encoded[offset : offset + 1] != b"T":
+            raise
+        return None, offset + 9  # the type octet, then 8 bytes of seconds
+
+
+def start_worker(server_pid: int) -> None:
+    """Set up the process that computes: signals are the server's, and it ends with it."""
+    # NOTE: Ctrl-C signals the whole process group; the server decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def exit_when_orphaned() -> None:  # a SIGKILLed server cannot stop us itself
+        while os.getppid() == server_pid:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, daemon=True).start()
+
+
+def new_worker() -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(
+        max_workers=1,
+        # spawned, not forked: a fork would share our connection's socket
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=start_worker,
+        initargs=(os.getpid(),),
+    )
 
 
 def serve(
-    connection: pika.BlockingConnection,
-    args: argparse.Namespace,
-    worker: ThreadPoolExecutor,
-    stopping: threading.Event,
+    connection: pika.BlockingConnection, args: argparse.Namespace, stopping: threading.Event
 ) -> None:
     """Answer requests on connection until stopping is set, then finish those in hand."""
     channel = connection.channel()
     channel.queue_declare(queue=args.queue, durable=True, arguments=QUEUE_ARGUMENTS)
     channel.basic_qos(prefetch_count=args.prefetch)
     in_hand: set[int] = set()  # delivery tags of requests not yet answered
+    worker = new_worker()
 
     def reply(
         delivery_tag: int, props: pika.BasicProperties, kind: str | None, body: bytes
@@ -117,20 +149,19 @@ def serve(
         channel.basic_ack(delivery_tag=delivery_tag)
         in_hand.discard(delivery_tag)
 
-    def work(delivery_tag: int, props: pika.BasicProperties, body: bytes) -> None:
-        kind, answer = respond(body, args.max_n, args.quiet)
+    def finish(delivery_tag: int, props: pika.BasicProperties, result: Callable[[], bytes]) -> None:
+        """Reply with result(), or with an error reply where it raises."""
         try:
-            # NOTE: pika is not thread-safe: the reply and the ack are handed
-            # back to the connection's own thread.
-            connection.add_callback_threadsafe(
-                functools.partial(reply, delivery_tag, props, kind, answer)
-            )
-        except ConnectionWrongStateError:
-            LOGGER.warning("connection lost before a reply; the broker redelivers the request")
+            kind, body = None, result()
+        except Exception as error:  # one request's failure must not stop the server
+            LOGGER.exception("a request failed")
+            kind, body = "error", f"server error: {type(error).__name__}".encode()
+        reply(delivery_tag, props, kind, body)
 
     def on_request(
         ch: BlockingChannel, method: Basic.Deliver, props: pika.BasicProperties, body: bytes
     ) -> None:
+        nonlocal worker
         if not props.reply_to:
             LOGGER.warning(
                 "dropped a request with no reply_to (correlation_id %r)", props.correlation_id
@@ -138,21 +169,48 @@ def serve(
             ch.basic_ack(delivery_tag=method.delivery_tag)
             return
         in_hand.add(method.delivery_tag)
-        if len(body) <= 4:  # n < 10000, or not a number: microseconds of work
-            reply(method.delivery_tag, props, *respond(body, args.max_n, args.quiet))
-        else:
-            # NOTE: longer work runs on another thread so that this one goes on
-            # answering heartbeats: a callback that blocks for two heartbeat
-            # intervals gets the connection closed by the broker.
-            worker.submit(work, method.delivery_tag, props, body)
+        try:
+            n = parse_request(body, args.max_n)
+        except ValueError as error:
+            LOGGER.info("invalid request: %s", error)
+            reply(method.delivery_tag, props, "error", f"invalid request: {error}".encode())
+            return
+        if not args.quiet:
+            print(f" [.] fib({n})", flush=True)
+        if n < INLINE_N:
+            finish(method.delivery_tag, props, functools.partial(answer, n))
+            return
+        # NOTE: longer work runs in another process so that this one goes on
+        # answering heartbeats: a connection silent for two heartbeat intervals
+        # is closed by the broker. Another thread is not enough: Decimal
+        # arithmetic holds the GIL, for seconds at a time on a huge n.
+        try:
+            future = worker.submit(answer, n)
+        except BrokenProcessPool:  # its process died (killed for memory, say)
+            worker = new_worker()
+            future = worker.submit(answer, n)
+        future.add_done_callback(functools.partial(on_done, method.delivery_tag, props))
+
+    def on_done(delivery_tag: int, props: pika.BasicProperties, future: Future[bytes]) -> None:
+        try:
+            # NOTE: pika is not thread-safe: the reply and the ack are handed
+            # back to the connection's own thread.
+            connection.add_callback_threadsafe(
+                functools.partial(finish, delivery_tag, props, future.result)
+            )
+        except ConnectionWrongStateError:
+            LOGGER.warning("connection lost before a reply; the broker redelivers the request")
 
     channel.basic_consume(queue=args.queue, on_message_callback=on_request)
     print(" [x] Awaiting RPC requests", flush=True)
-    while not stopping.is_set():  # channel.start_consuming(), but a signal can end it
-        connection.process_data_events(time_limit=None)
-    channel.stop_consuming()  # requests not yet handed to us go back to the queue
-    while in_hand:
-        connection.process_data_events(time_limit=1)
+    try:
+        while not stopping.is_set():  # channel.start_consuming(), but a signal can end it
+            connection.process_data_events(time_limit=None)
+        channel.stop_consuming()  # requests not yet handed to us go back to the queue
+        while in_hand:
+            connection.process_data_events(time_limit=1)
+    finally:
+        worker.shutdown(wait=False, cancel_futures=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -228,14 +286,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fib")
+    pika.data.decode_value = decode_value
     attempt = 0  # failed connection attempts in a row
     while not stopping.is_set():
         try:
             connection = pika.BlockingConnection(parameters)
             LOGGER.info("connected to %s", where)
             attempt = 0
-            serve(connection, args, worker, stopping)
+            serve(connection, args, stopping)
         except AMQPChannelError as error:
             # Retrying cannot mend a queue declared otherwise, or a missing permission.
             print(f"rpc_server: the broker at {where} refused: {error!r}", file=sys.stderr)
@@ -261,7 +319,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if connection is not None and connection.is_open:
                 connection.close()
-    worker.shutdown()
     return 0
 
 

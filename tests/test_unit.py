@@ -80,27 +80,9 @@ def test_parse_request_refuses(body: bytes, message: str) -> None:
     assert message in str(raised.value)
 
 
-def test_respond_answers_and_errors() -> None:
-    assert rpc_server.respond(b"30", 100, quiet=True) == (None, b"832040")
-    kind, body = rpc_server.respond(b"abc", 100, quiet=True)
-    assert kind == "error"
-    assert body == b"invalid request: n must be an integer from 0 to 100, got 'abc'"
-
-
-def test_respond_turns_an_unexpected_exception_into_an_error_reply(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def broken(n: int) -> int:
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(rpc_server, "fib", broken)
-    assert rpc_server.respond(b"30", 100, quiet=True) == ("error", b"server error: RuntimeError")
-    assert "Traceback" in caplog.text and "boom" in caplog.text
-
-
-def test_respond_prints_the_tutorial_line(capsys: pytest.CaptureFixture[str]) -> None:
-    rpc_server.respond(b"30", 100)
-    assert capsys.readouterr().out == " [.] fib(30)\n"
+def test_answer_is_the_decimal_digits() -> None:
+    assert rpc_server.answer(30) == b"832040"
+    assert rpc_server.answer(0) == b"0"
 
 
 @given(length=st.integers(1, 30000), seed=st.integers(0, 2**32))
