@@ -6,6 +6,8 @@ own. Without a broker, integration tests fail when CI=true and skip otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import queue
 import signal
@@ -14,11 +16,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 import pika
+import pika.data
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPError
@@ -83,15 +86,20 @@ class Server:
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            start_new_session=True,  # its worker process goes with it in kill()
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.stdout: list[str] = []
         self.stderr: list[str] = []
-        for stream, seen in (
-            (self.process.stdout, self.stdout),
-            (self.process.stderr, self.stderr),
-        ):
-            threading.Thread(target=self._read, args=(stream, seen), daemon=True).start()
+        self.readers = [
+            threading.Thread(target=self._read, args=(stream, seen), daemon=True)
+            for stream, seen in (
+                (self.process.stdout, self.stdout),
+                (self.process.stderr, self.stderr),
+            )
+        ]
+        for reader in self.readers:
+            reader.start()
 
     def _read(self, stream: IO[str], seen: list[str]) -> None:
         for line in stream:
@@ -111,15 +119,26 @@ class Server:
                     break
         raise AssertionError(f"server never printed {wanted!r}; stderr: {self.stderr}")
 
+    def wait(self, timeout: float = 20) -> int:
+        """Wait for the process to exit and for all it printed; return its exit status."""
+        status = self.process.wait(timeout)
+        for reader in self.readers:
+            reader.join(timeout)
+        return status
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         try:
-            return self.process.wait(timeout)
+            return self.wait(timeout)
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the server and its worker process, if they still run."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 @pytest.fixture
@@ -137,15 +156,68 @@ def start_server(amqp_url: str, rpc_queue: str) -> Iterator:
 
     yield start
     for server in servers:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
+        server.kill()
 
 
 @pytest.fixture
 def client(amqp_url: str, rpc_queue: str) -> Iterator[rpc_client.FibonacciRpcClient]:
     with rpc_client.FibonacciRpcClient(amqp_url, timeout=10, queue=rpc_queue) as fibonacci_rpc:
         yield fibonacci_rpc
+
+
+@pytest.fixture(autouse=True)
+def _restore_what_main_changes() -> Iterator[None]:
+    """Tests that call a script's main() in this process leave its global changes behind."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    decode_value = pika.data.decode_value
+    pika_level = logging.getLogger("pika").level
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    pika.data.decode_value = decode_value
+    logging.getLogger("pika").setLevel(pika_level)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll condition until it holds; fail, saying what did not happen, after timeout s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def request(
+    channel: BlockingChannel, queue: str, body: bytes, timeout: float = 20, **props: object
+) -> tuple[pika.BasicProperties, bytes]:
+    """Publish body to queue with a private reply queue; return the reply's properties and body."""
+    reply_queue = channel.queue_declare(queue="", exclusive=True).method.queue
+    corr_id = str(uuid.uuid4())
+    channel.basic_publish(
+        exchange="",
+        routing_key=queue,
+        properties=pika.BasicProperties(reply_to=reply_queue, correlation_id=corr_id, **props),
+        body=body,
+    )
+    for method, properties, reply in channel.consume(
+        reply_queue, auto_ack=True, inactivity_timeout=timeout
+    ):
+        channel.cancel()
+        assert method is not None, f"no reply to {body[:40]!r} within {timeout} s"
+        assert properties.correlation_id == corr_id
+        return properties, reply
+    raise AssertionError("unreachable")
+
+
+def stray_reply(
+    channel: BlockingChannel, queue: str, corr_id: str | None, body: bytes = b"999"
+) -> None:
+    """Publish into a client's callback queue a reply it is not waiting for."""
+    channel.basic_publish(
+        exchange="",
+        routing_key=queue,
+        properties=pika.BasicProperties(correlation_id=corr_id),
+        body=body,
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

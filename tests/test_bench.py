@@ -54,7 +54,7 @@ def test_quick_run_measures_every_workload(amqp_url: str, tmp_path: Path) -> Non
     for n in (10, 30, 100000):
         assert {f"fib({n}), bare", f"fib({n}), project"} <= cases
     sequential = [line for line in rows if line["workload"] == "sequential"]
-    assert all(line["p50_ms"] > 0 and line["p99_ms"] >= line["p50_ms"] for line in sequential)
+    assert all(line["p50_ms"] > 0 for line in sequential)  # None: no latencies recorded
     assert all(line["vs_bare"] > 0 for line in sequential if line["case"].endswith("project"))
     many = {
         (line["servers"], line.get("window")) for line in rows if line["workload"] == "call_many"
@@ -68,12 +68,17 @@ def test_quick_run_measures_every_workload(amqp_url: str, tmp_path: Path) -> Non
     assert {line["prefetch"] for line in rows if line["workload"] == "prefetch"} == {1, 10, 50}
     (slow,) = [line for line in rows if line["workload"] == "slow_reply"]
     assert slow["cpu_percent"] > 0
-    # Each target is reported with what was measured; whether it was met is the machine's.
+    # Each target is reported with what was measured; whether it was met is the machine's,
+    # but the verdict must follow from the figure and the limit.
     assert len(figures["targets"]) == 5
-    assert all(isinstance(goal["met"], bool) for goal in figures["targets"])
-    # The table on stdout, the progress on stderr.
+    for goal in figures["targets"]:
+        op, limit = goal["wanted"].split()
+        wanted = goal["measured"] >= float(limit) if op == ">=" else goal["measured"] < float(limit)
+        assert goal["met"] is wanted, goal
+    # The table on stdout, a line per row in the JSON's order; the progress on stderr.
     assert done.stdout.startswith("workload ")
-    assert all(workload in done.stdout for workload in WORKLOADS)
+    table = done.stdout.split("\n\n")[0].splitlines()[1:]
+    assert [line.split()[0] for line in table] == [line["workload"] for line in rows]
     assert "[1/5] sequential" in done.stderr
     assert "Traceback" not in done.stderr
 

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -36,7 +37,7 @@ from hypothesis import strategies as st
 
 import rpc_client
 import rpc_server
-from tests.conftest import READY, ROOT, connect
+from tests.conftest import READY, ROOT, connect, request, stray_reply, wait_until
 from tests.tcp_proxy import TcpProxy
 
 # --- helpers ---------------------------------------------------------------------------
@@ -57,14 +58,6 @@ def through(url: str, proxy: TcpProxy) -> str:
     credentials, _, _ = parts.netloc.rpartition("@")
     address = f"127.0.0.1:{proxy.port}"
     return urlunsplit(parts._replace(netloc=f"{credentials}@{address}" if credentials else address))
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.02)
 
 
 def reconnect_delays(server: Any) -> list[float]:
@@ -262,7 +255,7 @@ def test_server_reconnects_and_answers_all_after_its_connection_is_cut(
             wait_until(lambda k=cuts + 1: server.stdout.count(READY) == k, 10, "server consuming")
             assert proxy.drop_all() == 1  # the server's connection, and no other
             cuts += 1
-        n = (i * 7919) % 30_000  # under 10000 answered inline, the others by the worker
+        n = (i * 7919) % (2 * rpc_server.INLINE_N)  # half inline, half by the worker
         expected[requester.send(str(n).encode())] = n
         requester.poll(0.002)
     requester.wait(expected, timeout=60)
@@ -280,7 +273,9 @@ def test_server_reconnects_and_answers_all_after_its_connection_is_cut(
     assert server.stdout.count(READY) == cuts + 1
     assert sum(" lost (" in line for line in server.stderr) == cuts, server.stderr
     # After a connection that worked, backoff starts again from its shortest delay.
-    assert all(delay <= 0.1 for delay in reconnect_delays(server))
+    delays = reconnect_delays(server)
+    assert len(delays) == cuts
+    assert all(delay <= 0.1 for delay in delays)
     assert server.process.poll() is None
     wait_until(lambda: queued(broker, requester.queue) == 0, 10, "request queue empty")
 
@@ -424,12 +419,7 @@ def test_server_killed_mid_request_another_answers_exactly_once(
         assert client.delivered == {corr_id: 1}
         # A late duplicate of that reply, as from a server that replied and died before
         # its ack: the client drops it, and the next call is not fooled by it.
-        broker.basic_publish(
-            exchange="",
-            routing_key=client.callback_queue,
-            properties=pika.BasicProperties(correlation_id=corr_id),
-            body=b"12345",
-        )
+        stray_reply(broker, client.callback_queue, corr_id, b"12345")
         assert client.call(10) == 55
         assert client.delivered[corr_id] == 2
         assert client.responses == {}
@@ -453,34 +443,33 @@ def test_client_loses_its_connection_during_a_call(
     server = start_server("--max-n", str(big))  # prefetch 1: one request at a time
     requester.send(str(big).encode())  # keeps the server busy while the call waits
     server.wait_for(f" [.] fib({big})")
-    client = rpc_client.FibonacciRpcClient(
+    with rpc_client.FibonacciRpcClient(
         through(amqp_url, proxy), timeout=30, queue=rpc_queue, retries=retries
-    )
-    outcome: list[object] = []
+    ) as client:
+        outcome: list[object] = []
 
-    def call() -> None:
-        try:
-            outcome.append(client.call(30))
-        except Exception as error:
-            outcome.append(error)
+        def call() -> None:
+            try:
+                outcome.append(client.call(30))
+            except Exception as error:
+                outcome.append(error)
 
-    caller = threading.Thread(target=call)
-    caller.start()
-    wait_until(lambda: queued(broker, rpc_queue) == 1, 10, "the call's request queued")
-    assert proxy.drop_all() == 1  # the client's connection, while it waits for the reply
-    caller.join(30)
-    assert not caller.is_alive()
-    if retries:
-        assert outcome == [832040]  # sent again on a fresh connection
-        assert proxy.accepted == 2
-    else:
-        [error] = outcome
-        assert isinstance(error, rpc_client.RpcConnectionError)
-        assert isinstance(error, ConnectionError)
-        assert str(error).startswith(f"connection to 127.0.0.1:{proxy.port}, vhost '/' lost: ")
-    # The same object, nothing rebuilt by the caller: the next call connects again.
-    assert client.call(10) == 55
-    client.close()
+        caller = threading.Thread(target=call)
+        caller.start()
+        wait_until(lambda: queued(broker, rpc_queue) == 1, 10, "the call's request queued")
+        assert proxy.drop_all() == 1  # the client's connection, while it waits for the reply
+        caller.join(30)
+        assert not caller.is_alive()
+        if retries:
+            assert outcome == [832040]  # sent again on a fresh connection
+            assert proxy.accepted == 2
+        else:
+            [error] = outcome
+            assert isinstance(error, rpc_client.RpcConnectionError)
+            assert isinstance(error, ConnectionError)
+            assert str(error).startswith(f"connection to 127.0.0.1:{proxy.port}, vhost '/' lost: ")
+        # The same object, nothing rebuilt by the caller: the next call connects again.
+        assert client.call(10) == 55
 
 
 # --- 5. a computation longer than two heartbeats ------------------------------------------
@@ -490,19 +479,24 @@ def test_long_computation_does_not_cost_the_server_its_connection(
     start_server, amqp_url: str, requester: Requester
 ) -> None:
     heartbeat = 2
-    n = 200_000_000  # about 8 s of Decimal arithmetic here, a 42 MB reply
-    server = start_server(
-        "--url", with_query(amqp_url, f"heartbeat={heartbeat}"), "--max-n", str(n)
-    )
-    corr_id = requester.send(str(n).encode())
-    server.wait_for(f" [.] fib({n})")
-    started = time.monotonic()
-    requester.wait([corr_id], timeout=180)
-    # The test means something only where the work outlasts two heartbeat intervals.
-    assert time.monotonic() - started > 2 * heartbeat, "fib(n) was too quick: raise n"
+    server = start_server("--url", with_query(amqp_url, f"heartbeat={heartbeat}"))
+    n = rpc_server.INLINE_N  # the smallest n that the worker process computes
+    requester.wait([requester.send(b"%d" % n)], timeout=30)  # the worker is up now
+    (worker,) = worker_pids(server.process.pid)
+    # NOTE: a stopped worker is a computation as long as we like, on any machine: three
+    # heartbeat intervals, through which the server must go on answering the broker.
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        corr_id = requester.send(b"%d" % (n + 1))
+        server.wait_for(f" [.] fib({n + 1})")
+        time.sleep(3 * heartbeat)
+        requester.poll(0.1)
+        assert corr_id not in requester.replies  # still "computing"
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    requester.wait([corr_id], timeout=30)
     [(props, body)] = requester.replies[corr_id]
-    assert props.type is None
-    check_huge_fib(n, body)
+    assert (props.type, body) == (None, rpc_server.answer(n + 1))
     assert server.stdout.count(READY) == 1  # never reconnected
     assert not any(" lost" in line for line in server.stderr), server.stderr
 
@@ -510,7 +504,9 @@ def test_long_computation_does_not_cost_the_server_its_connection(
 # --- 6. load ---------------------------------------------------------------------------
 
 
-LOAD_NS = [0, 1, 2, 10, 30, 93, 500, 1000, 4000, 9999, 10_000, 12_345, 25_000]
+# mostly answered inline, the last two by the worker process
+LOAD_NS = [0, 1, 2, 10, 30, 93, 500, 1000, 4000, 9999, 25_000, 100_000, 123_456]
+assert sum(n >= rpc_server.INLINE_N for n in LOAD_NS) == 2
 
 
 def load_client(url: str, queue: str, calls: str, seed: str) -> None:
@@ -775,14 +771,12 @@ def test_soak_50000_calls_memory_flat_and_no_leaked_connections(
     wait_until(lambda: our_connections(rabbitmqctl, marker) == (1, 1), 10, "server listed")
     baseline = our_connections(rabbitmqctl, marker)
     answers = {n: rpc_client.to_int(str(rpc_server.fib(n)).encode()) for n in range(5000)}
-    answers.update({n: rpc_client.to_int(str(rpc_server.fib(n)).encode()) for n in (12345, 54321)})
+    big = (rpc_server.INLINE_N, rpc_server.INLINE_N + 12345)  # computed by the worker
+    answers.update({n: rpc_client.to_int(str(rpc_server.fib(n)).encode()) for n in big})
     rss = []
     for round_ in range(10):  # ten clients in turn, 5000 calls each, each closed after
-        # mostly answered inline, one in ten by the worker process
-        ns = [
-            (12345, 54321)[i // 10 % 2] if i % 10 == 0 else (round_ + i * 7) % 5000
-            for i in range(5000)
-        ]
+        # mostly answered inline, one in a hundred by the worker process
+        ns = [big[i // 100 % 2] if i % 100 == 0 else (round_ + i * 7) % 5000 for i in range(5000)]
         with rpc_client.FibonacciRpcClient(
             named(amqp_url, f"{marker} client {round_}"), timeout=30, queue=rpc_queue
         ) as client:
@@ -866,7 +860,10 @@ def test_the_password_never_shows(
             # the last line says what failed (--verbose logs pika's tracebacks before it)
             assert done.stderr.splitlines()[-1].startswith(script.replace(".py", ": ")), done.stderr
             seen += [done.stdout, done.stderr]
-        with caplog.at_level("DEBUG"), pytest.raises((ValueError, ConnectionError)) as error:
+        with (
+            caplog.at_level("DEBUG", logger="pika"),
+            pytest.raises((ValueError, ConnectionError)) as error,
+        ):
             rpc_client.FibonacciRpcClient(bad, queue=rpc_queue)
         seen += [str(error.value), repr(error.value), caplog.text]
     leaks = [text for text in seen if password in text]
@@ -932,8 +929,6 @@ def test_a_dead_worker_costs_one_error_reply_and_a_new_worker_takes_over(
     broker,
     rpc_queue: str,
 ) -> None:
-    from tests.test_integration import request
-
     n = 30_000_000  # seconds of work: the worker is busy with it when killed
     server = start_server("--max-n", str(n))
     replies: list[tuple[pika.BasicProperties, bytes]] = []

@@ -6,35 +6,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-import uuid
 
 import pika
 import pytest
 
 import rpc_client
 import rpc_server
-from tests.conftest import ROOT, connect
-
-
-def request(channel, queue: str, body: bytes, timeout: float = 20, **props: object):
-    """Publish body to queue with a private reply queue; return the reply's (properties, body)."""
-    reply_queue = channel.queue_declare(queue="", exclusive=True).method.queue
-    corr_id = str(uuid.uuid4())
-    channel.basic_publish(
-        exchange="",
-        routing_key=queue,
-        properties=pika.BasicProperties(reply_to=reply_queue, correlation_id=corr_id, **props),
-        body=body,
-    )
-    for method, properties, reply in channel.consume(
-        reply_queue, auto_ack=True, inactivity_timeout=timeout
-    ):
-        channel.cancel()
-        assert method is not None, f"no reply to {body!r} within {timeout} s"
-        assert properties.correlation_id == corr_id
-        return properties, reply
-    raise AssertionError("unreachable")
+from tests.conftest import ROOT, connect, request, stray_reply, wait_until
 
 
 def run_client(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -134,7 +112,9 @@ def test_request_without_reply_to_is_acked_and_dropped(
     assert reply == b"55"
     declared = broker.queue_declare(queue=rpc_queue, passive=True)
     assert declared.method.message_count == 0  # acked, not requeued
-    assert any("no reply_to" in line for line in server.stderr)
+    wait_until(
+        lambda: any("no reply_to" in line for line in server.stderr), 10, "no log line about it"
+    )
 
 
 def test_no_queue_fails_fast_with_no_server_error(client) -> None:
@@ -157,10 +137,11 @@ def test_queue_without_consumer_fails_fast_and_the_request_is_dropped(
     ):
         client.call(30, timeout=1)
     # the request expires with its timeout, so a server started later does not compute it
-    deadline = time.monotonic() + 30
-    while broker.queue_declare(queue=rpc_queue, passive=True).method.message_count:
-        assert time.monotonic() < deadline, "the expired request is still queued"
-        time.sleep(0.2)
+    wait_until(
+        lambda: broker.queue_declare(queue=rpc_queue, passive=True).method.message_count == 0,
+        30,
+        "the expired request left the queue",
+    )
 
 
 def test_cli_without_server_says_so(amqp_url: str, rpc_queue: str) -> None:
@@ -173,6 +154,12 @@ def test_cli_without_server_says_so(amqp_url: str, rpc_queue: str) -> None:
 class SilentServer:
     """A consumer on the queue that takes requests and never answers them."""
 
+    def __enter__(self) -> SilentServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.connection.close()
+
     def __init__(self, amqp_url: str, queue: str) -> None:
         self.connection = connect(amqp_url, f"silent server on {queue}")
         self.channel = self.connection.channel()
@@ -183,55 +170,48 @@ class SilentServer:
             queue=queue, on_message_callback=lambda ch, m, p, b: self.requests.append(p)
         )
 
-    def poll(self) -> None:
-        self.connection.process_data_events(time_limit=0)
+    def poll(self) -> int:
+        """Take the requests the broker has for us; return how many were taken in all."""
+        self.connection.process_data_events(time_limit=0.1)
+        return len(self.requests)
 
 
 def test_timeout_raises_and_the_request_carries_expiration(
     client, amqp_url: str, rpc_queue: str
 ) -> None:
-    silent = SilentServer(amqp_url, rpc_queue)
-    with pytest.raises(rpc_client.RpcTimeoutError, match="no reply within the timeout"):
-        client.call(30, timeout=0.5)
-    silent.poll()
-    assert len(silent.requests) == 1
-    assert 0 < int(silent.requests[0].expiration) <= 500
-    # A second request waits in the queue behind the unacked first, and expires there.
-    with pytest.raises(TimeoutError):
-        client.call(31, timeout=0.3)
-    deadline = time.monotonic() + 30
-    while silent.channel.queue_declare(queue=rpc_queue, passive=True).method.message_count:
-        assert time.monotonic() < deadline, "the expired request is still queued"
-        time.sleep(0.1)
-    silent.connection.close()
+    with SilentServer(amqp_url, rpc_queue) as silent:
+        with pytest.raises(rpc_client.RpcTimeoutError, match="no reply within the timeout"):
+            client.call(30, timeout=0.5)
+        wait_until(lambda: silent.poll() == 1, 10, "the silent server got the request")
+        assert 0 < int(silent.requests[0].expiration) <= 500
+        # A second request waits in the queue behind the unacked first, and expires there.
+        with pytest.raises(TimeoutError):
+            client.call(31, timeout=0.3)
+        wait_until(
+            lambda: (
+                silent.channel.queue_declare(queue=rpc_queue, passive=True).method.message_count
+                == 0
+            ),
+            30,
+            "the expired request left the queue",
+        )
 
 
 def test_cli_timeout_is_one_line(amqp_url: str, rpc_queue: str) -> None:
-    silent = SilentServer(amqp_url, rpc_queue)
-    done = run_client("--url", amqp_url, "--queue", rpc_queue, "--timeout", "0.5")
+    with SilentServer(amqp_url, rpc_queue):
+        done = run_client("--url", amqp_url, "--queue", rpc_queue, "--timeout", "0.5")
     assert done.returncode == 1
     assert done.stderr == f"rpc_client: no reply within the timeout from '{rpc_queue}'\n"
-    silent.connection.close()
 
 
 def test_stray_and_duplicate_replies_are_ignored(start_server, client, broker) -> None:
     start_server()
     # Waiting in the callback queue before the call: replies that are not its own.
     for corr_id in ("foreign", None):
-        broker.basic_publish(
-            exchange="",
-            routing_key=client.callback_queue,
-            properties=pika.BasicProperties(correlation_id=corr_id),
-            body=b"999",
-        )
+        stray_reply(broker, client.callback_queue, corr_id)
     assert client.call(30) == 832040
     # A duplicate of that reply arrives late: the next call is not fooled by it.
-    broker.basic_publish(
-        exchange="",
-        routing_key=client.callback_queue,
-        properties=pika.BasicProperties(correlation_id=client.corr_id),
-        body=b"999",
-    )
+    stray_reply(broker, client.callback_queue, client.corr_id)
     assert client.call(10) == 55
     assert client.responses == {}
 
@@ -268,7 +248,7 @@ def test_server_exits_when_the_queue_is_declared_otherwise(
 ) -> None:
     broker.queue_declare(queue=rpc_queue)  # a classic queue: ours must be quorum
     server = start_server(ready=False)
-    assert server.process.wait(20) == 1
+    assert server.wait() == 1
     assert server.stderr[-1].startswith("rpc_server: the broker at ")
     assert "PRECONDITION_FAILED" in server.stderr[-1]
     assert not any("Traceback" in line for line in server.stderr)
@@ -279,7 +259,10 @@ def test_official_clients_can_declare_the_queue_as_they_do(
 ) -> None:
     start_server()
     # What the official tutorials' servers and clients declare: no PRECONDITION_FAILED.
-    broker.queue_declare(queue=rpc_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    declared = broker.queue_declare(
+        queue=rpc_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    assert declared.method.consumer_count == 1
 
 
 def test_our_client_uses_a_queue_an_official_server_declared(
@@ -306,21 +289,15 @@ def test_direct_reply_to_requesters_get_their_reply(start_server, broker, rpc_qu
         properties=pika.BasicProperties(reply_to="amq.rabbitmq.reply-to", correlation_id="js-1"),
         body=b"30",
     )
-    deadline = time.monotonic() + 20
-    while not got and time.monotonic() < deadline:
-        broker.connection.process_data_events(time_limit=0.5)
+    wait_until(lambda: broker.connection.process_data_events(time_limit=0.1) or got, 20, "a reply")
     assert got == [("js-1", b"832040")]
 
 
 def test_client_defaults_to_amqp_url_and_rpc_queue(
     start_server, amqp_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The real rpc_queue, as in the tutorial: only where no other server consumes it.
+    # The real rpc_queue, as in the tutorial (another server on it may answer too).
     monkeypatch.setenv("AMQP_URL", amqp_url)
-    with connect(amqp_url, "probe") as connection:
-        channel = connection.channel()
-        channel.queue_declare(queue="rpc_queue", durable=True, arguments=rpc_server.QUEUE_ARGUMENTS)
-        assert channel.queue_declare(queue="rpc_queue", passive=True).method.consumer_count == 0
     server = start_server("--queue", "rpc_queue")
     with rpc_client.FibonacciRpcClient() as fibonacci_rpc:
         assert fibonacci_rpc.call(30) == 832040
