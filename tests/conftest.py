@@ -209,13 +209,17 @@ def request(
 
 
 def stray_reply(
-    channel: BlockingChannel, queue: str, corr_id: str | None, body: bytes = b"999"
+    channel: BlockingChannel,
+    queue: str,
+    corr_id: str | None,
+    body: bytes = b"999",
+    **props: object,
 ) -> None:
     """Publish into a client's callback queue a reply it is not waiting for."""
     channel.basic_publish(
         exchange="",
         routing_key=queue,
-        properties=pika.BasicProperties(correlation_id=corr_id),
+        properties=pika.BasicProperties(correlation_id=corr_id, **props),
         body=body,
     )
 
