@@ -4,9 +4,9 @@
 It consumes requests from rpc_queue, computes fib(n) and publishes the answer to the
 request's reply_to queue with the request's correlation_id. Start several servers to
 share the load. Beyond the tutorial, for production: bad requests get an error reply
-instead of killing the server, n is bounded, the work runs in a worker process
-so heartbeats keep flowing, a lost connection is re-established, and SIGINT/SIGTERM
-finish the request in hand before exiting.
+instead of killing the server, n is bounded, long work runs in a worker process so
+that heartbeats keep flowing, a lost connection is re-established, and SIGINT/SIGTERM
+finish the requests in hand before exiting.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ MAX_N = 1_000_000
 MAX_BODY = 64  # bytes; a decimal n needs eight
 BACKOFF_CAP = 5.0  # seconds between reconnection attempts, at most
 INLINE_N = 100_000  # smaller n take 2 ms at most: answered at once, no worker
-PIKA_DECODE_VALUE = pika.data.decode_value
+PIKA_DECODE_VALUE = pika.data.decode_value  # pika's own; see decode_value below
 
 
 def fib(n: int) -> decimal.Decimal:
