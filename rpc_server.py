@@ -126,9 +126,9 @@ def new_worker() -> ProcessPoolExecutor:
 
 
 def serve(
-    connection: pika.BlockingConnection, args: argparse.Namespace, stopping: threading.Event
+    connection: pika.BlockingConnection, args: argparse.Namespace, signals: list[int]
 ) -> None:
-    """Answer requests on connection until stopping is set, then finish those in hand."""
+    """Answer requests on connection until a signal comes, then finish those in hand."""
     channel = connection.channel()
     channel.queue_declare(queue=args.queue, durable=True, arguments=QUEUE_ARGUMENTS)
     channel.basic_qos(prefetch_count=args.prefetch)
@@ -204,8 +204,8 @@ def serve(
     channel.basic_consume(queue=args.queue, on_message_callback=on_request)
     print(" [x] Awaiting RPC requests", flush=True)
     try:
-        while not stopping.is_set():  # channel.start_consuming(), but a signal can end it
-            connection.process_data_events(time_limit=None)
+        while not signals:  # channel.start_consuming(), but a signal can end it
+            connection.process_data_events(time_limit=1)
         channel.stop_consuming()  # requests not yet handed to us go back to the queue
         while in_hand:
             connection.process_data_events(time_limit=1)
@@ -272,28 +272,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         **(parameters.client_properties or {}),
     }
     where = describe(parameters)
-    stopping = threading.Event()
+    # NOTE: the signals received, in a plain list: a signal handler that takes a lock
+    # (as threading.Event.set does) can deadlock with the code it interrupts.
+    signals: list[int] = []
     connection: pika.BlockingConnection | None = None
 
     def on_signal(signum: int, frame: object) -> None:
         LOGGER.info("%s: finishing the requests in hand, then exiting", signal.Signals(signum).name)
-        stopping.set()
-        try:
-            if connection is not None:
-                connection.add_callback_threadsafe(lambda: None)  # wakes the loop in serve()
-        except ConnectionWrongStateError:
-            pass  # closed already: nothing to wake
+        signals.append(signum)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     pika.data.decode_value = decode_value
     attempt = 0  # failed connection attempts in a row
-    while not stopping.is_set():
+    while not signals:
         try:
             connection = pika.BlockingConnection(parameters)
             LOGGER.info("connected to %s", where)
             attempt = 0
-            serve(connection, args, stopping)
+            serve(connection, args, signals)
         except AMQPChannelError as error:
             # Retrying cannot mend a queue declared otherwise, or a missing permission.
             print(f"rpc_server: the broker at {where} refused: {error!r}", file=sys.stderr)
@@ -315,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             LOGGER.warning(
                 "connection to %s lost (%r); reconnecting in %.1f s", where, error, delay
             )
-            stopping.wait(delay)
+            time.sleep(delay)
         finally:
             if connection is not None and connection.is_open:
                 connection.close()
