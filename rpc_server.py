@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    pika.data.decode_value = decode_value
+    pika.data.decode_value = decode_value  # a poison header must not cost the connection
     attempt = 0  # failed connection attempts in a row
     while not signals:
         try:
