@@ -45,7 +45,7 @@ DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
 # fib(1000000) has 208988 digits: under a second from request to printed answer.
 MAX_N = 1_000_000
-MAX_BODY = 64  # bytes; a decimal n needs eight
+MAX_BODY = 64  # bytes; n up to the default bound needs seven
 BACKOFF_CAP = 5.0  # seconds between reconnection attempts, at most
 INLINE_N = 100_000  # smaller n take 2 ms at most: answered at once, no worker
 PIKA_DECODE_VALUE = pika.data.decode_value  # pika's own; see decode_value below

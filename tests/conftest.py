@@ -178,6 +178,17 @@ def _restore_what_main_changes() -> Iterator[None]:
     logging.getLogger("pika").setLevel(pika_level)
 
 
+def run_script(name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run one of the scripts; AMQP_URL is not passed on, so --url must say where."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={k: v for k, v in os.environ.items() if k != "AMQP_URL"},
+    )
+
+
 def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
     """Poll condition until it holds; fail, saying what did not happen, after timeout s."""
     deadline = time.monotonic() + timeout

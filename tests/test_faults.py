@@ -37,7 +37,15 @@ from hypothesis import strategies as st
 
 import rpc_client
 import rpc_server
-from tests.conftest import READY, ROOT, connect, request, stray_reply, wait_until
+from tests.conftest import (
+    READY,
+    ROOT,
+    connect,
+    request,
+    run_script,
+    stray_reply,
+    wait_until,
+)
 from tests.tcp_proxy import TcpProxy
 
 # --- helpers ---------------------------------------------------------------------------
@@ -813,16 +821,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if k != "AMQP_URL"},
-    )
 
 
 def test_the_password_never_shows(

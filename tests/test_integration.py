@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 
 import pika
@@ -12,16 +10,7 @@ import pytest
 
 import rpc_client
 import rpc_server
-from tests.conftest import ROOT, connect, request, stray_reply, wait_until
-
-
-def run_client(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "rpc_client.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.conftest import connect, request, run_script, stray_reply, wait_until
 
 
 def test_fib_30_end_to_end(start_server, client) -> None:
@@ -31,10 +20,10 @@ def test_fib_30_end_to_end(start_server, client) -> None:
 
 def test_cli_prints_the_tutorial_lines(start_server, amqp_url: str, rpc_queue: str) -> None:
     start_server()
-    done = run_client("--url", amqp_url, "--queue", rpc_queue)
+    done = run_script("rpc_client.py", "--url", amqp_url, "--queue", rpc_queue)
     assert done.returncode == 0, done.stderr
     assert done.stdout == " [x] Requesting fib(30)\n [.] Got 832040\n"
-    done = run_client("--url", amqp_url, "--queue", rpc_queue, "10", "20", "30")
+    done = run_script("rpc_client.py", "--url", amqp_url, "--queue", rpc_queue, "10", "20", "30")
     assert done.stdout.splitlines()[1::2] == [" [.] Got 55", " [.] Got 6765", " [.] Got 832040"]
 
 
@@ -42,7 +31,7 @@ def test_cli_reports_an_error_reply_in_one_line(
     start_server, amqp_url: str, rpc_queue: str
 ) -> None:
     start_server("--max-n", "100")
-    done = run_client("--url", amqp_url, "--queue", rpc_queue, "5", "101", "6")
+    done = run_script("rpc_client.py", "--url", amqp_url, "--queue", rpc_queue, "5", "101", "6")
     assert done.returncode == 1
     assert done.stdout == " [x] Requesting fib(5)\n [.] Got 5\n [x] Requesting fib(101)\n"
     assert (
@@ -145,7 +134,7 @@ def test_queue_without_consumer_fails_fast_and_the_request_is_dropped(
 
 
 def test_cli_without_server_says_so(amqp_url: str, rpc_queue: str) -> None:
-    done = run_client("--url", amqp_url, "--queue", rpc_queue, "--timeout", "60")
+    done = run_script("rpc_client.py", "--url", amqp_url, "--queue", rpc_queue, "--timeout", "60")
     assert done.returncode == 1
     assert done.stderr.startswith(f"rpc_client: no RPC server is consuming '{rpc_queue}'")
     assert "Traceback" not in done.stderr
@@ -199,7 +188,9 @@ def test_timeout_raises_and_the_request_carries_expiration(
 
 def test_cli_timeout_is_one_line(amqp_url: str, rpc_queue: str) -> None:
     with SilentServer(amqp_url, rpc_queue):
-        done = run_client("--url", amqp_url, "--queue", rpc_queue, "--timeout", "0.5")
+        done = run_script(
+            "rpc_client.py", "--url", amqp_url, "--queue", rpc_queue, "--timeout", "0.5"
+        )
     assert done.returncode == 1
     assert done.stderr == f"rpc_client: no reply within the timeout from '{rpc_queue}'\n"
 
