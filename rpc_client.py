@@ -4,8 +4,8 @@
 FibonacciRpcClient sends n to rpc_queue with a reply_to queue and a fresh
 correlation_id, then waits for the reply that carries the same correlation_id.
 Beyond the tutorial, for production: a call never hangs (it times out, and the
-request expires with it), fails fast when no server consumes the queue, raises
-the server's error replies, drops stray replies, and survives a lost connection.
+request expires with it), fails fast when no server consumes the queue, raises the
+server's error replies, and loses no call when a broker node is lost.
 
     with FibonacciRpcClient() as fibonacci_rpc:
         fibonacci_rpc.call(30)  # 832040
@@ -17,25 +17,35 @@ import argparse
 import logging
 import math
 import os
+import random
+import re
 import sys
+import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
 
 import pika
-from pika.adapters.blocking_connection import BlockingChannel
-from pika.exceptions import AMQPConnectionError, AMQPError, ChannelClosedByBroker
+from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker, NackError
 from pika.spec import Basic
 
 LOGGER = logging.getLogger("rpc_client")
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_TIMEOUT = 10.0  # seconds
-# NOTE: a reply that has not come this many seconds after its request makes the
-# client ask the broker whether any server consumes the queue, so that a call
-# with no server fails fast; replies that come sooner cost no such question.
-CHECK_AFTER = 0.25
+# NOTE: a reply that is late makes the client ask the broker, every CHECK_EVERY
+# seconds, whether any server consumes the queue. Only a queue left without one
+# for NO_SERVER_AFTER seconds means no server: servers that lose a node come back.
+CHECK_EVERY = 0.25
+NO_SERVER_AFTER = 1.25
+BLOCKED_TIMEOUT = 30.0  # seconds a broker in a resource alarm may block a connection
+EPILOG = (
+    "Heartbeat, TLS and connection retry settings go in the URL's query string, e.g. "
+    "amqp://guest:guest@localhost:5672/%2F?heartbeat=30&connection_attempts=5. "
+    "For a cluster, give several URLs separated by commas."
+)
+URL_HELP = "broker URL(s) (default: $AMQP_URL, else amqp://guest:guest@localhost:5672/%%2F)"
 
 
 class RpcError(Exception):
@@ -54,13 +64,40 @@ class RpcTimeoutError(TimeoutError):
     """No reply came before the call's timeout."""
 
 
-def to_int(digits: bytes) -> int:
-    """Return int(digits), also past Python's 4300-digit limit on int(str)."""
-    if len(digits) <= 4000:
-        return int(digits)
-    # Halves, joined by one multiplication: fast where one int() is quadratic.
-    half = len(digits) // 2
-    return to_int(digits[:-half]) * 10**half + to_int(digits[-half:])
+def broker_parameters(urls: str, name: str) -> list[pika.URLParameters]:
+    """Parameters for each node of a comma-separated list of URLs, in random order."""
+    nodes = []
+    for url in re.split(r",(?=amqps?://)", urls.strip()):  # a comma in a query stays
+        if not url.startswith(("amqp://", "amqps://")):
+            raise ValueError("invalid broker URL: it must start with amqp:// or amqps://")
+        try:
+            node = pika.URLParameters(url)
+        except ValueError as error:
+            raise ValueError(f"invalid broker URL: {error}") from None
+        # NOTE: pika waits without a bound on a connection that a broker in a
+        # resource alarm blocks, unless it is given a timeout.
+        if node.blocked_connection_timeout is None:
+            node.blocked_connection_timeout = BLOCKED_TIMEOUT
+        # Named in the broker's list of connections, unless the URL names it.
+        node.client_properties = {"connection_name": name, **(node.client_properties or {})}
+        nodes.append(node)
+    random.shuffle(nodes)  # a fleet of processes spreads over the cluster's nodes
+    return nodes
+
+
+def connect(nodes: list[pika.URLParameters]) -> pika.BlockingConnection:
+    """Connect to the first node that answers; the next connect starts after it."""
+    errors = []  # where each node is, without the credentials (URLs carry passwords)
+    for _ in nodes:
+        node = nodes.pop(0)
+        nodes.append(node)  # a node lost with its connection is tried last next time
+        try:
+            connection = pika.BlockingConnection(node)
+            LOGGER.info("connected to %s:%s", node.host, node.port)
+            return connection
+        except (AMQPConnectionError, OSError) as error:  # OSError: no such host
+            errors.append(f"{node.host}:{node.port}: {error!r}")
+    raise RpcConnectionError("cannot connect to the broker at " + "; ".join(errors))
 
 
 class FibonacciRpcClient:
@@ -71,17 +108,16 @@ class FibonacciRpcClient:
         queue: str = "rpc_queue",
         retries: int = 1,
     ) -> None:
-        try:
-            self.parameters = pika.URLParameters(url or os.environ.get("AMQP_URL") or DEFAULT_URL)
-        except ValueError as error:
-            raise ValueError(f"invalid broker URL: {error}") from None
-        self.parameters.client_properties = {
-            "connection_name": "rpc_client",  # shown in the broker's list of connections
-            **(self.parameters.client_properties or {}),
-        }
+        if not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+        self.nodes = broker_parameters(
+            url or os.environ.get("AMQP_URL") or DEFAULT_URL, "rpc_client"
+        )
         self.timeout = timeout
         self.queue = queue
         self.retries = retries  # calls sent again after a lost connection; fib is idempotent
+        # NOTE: pika's connection is not thread-safe: threads sharing a client take turns.
+        self.lock = threading.Lock()
         # correlation_id -> (type, body) of its reply, or None while awaited
         self.responses: dict[str, tuple[str | None, bytes] | None] = {}
         self.connection: pika.BlockingConnection | None = None
@@ -89,13 +125,19 @@ class FibonacciRpcClient:
 
     def connect(self) -> None:
         self.close()
-        try:
-            self.connection = pika.BlockingConnection(self.parameters)
-        except (AMQPConnectionError, OSError) as error:  # OSError: no such host
-            raise RpcConnectionError(
-                f"cannot connect to the broker at {self.where}: {error!r}"
-            ) from None
+        self.connection = connect(self.nodes)
+        self.blocked: str | None = None  # the broker's reason while a resource alarm blocks us
+        self.connection.add_on_connection_blocked_callback(self.on_blocked)
+        self.connection.add_on_connection_unblocked_callback(self.on_blocked)
         self.channel = self.connection.channel()
+        # NOTE: publisher confirms: a nack says the broker did not take a request (a
+        # reply says it did). BlockingChannel.confirm_delivery() would wait for each
+        # confirm in turn; call_many keeps many requests in flight, so confirms are
+        # turned on for the channel underneath.
+        self.channel._impl.confirm_delivery(ack_nack_callback=self.on_confirm)
+        self.nacked = False
+        # mandatory: a request that no queue takes comes back, to on_response.
+        self.channel.add_on_return_callback(self.on_response)
         # Server-named and exclusive: ours alone, and deleted when we disconnect.
         result = self.channel.queue_declare(queue="", exclusive=True)
         self.callback_queue = result.method.queue
@@ -105,17 +147,18 @@ class FibonacciRpcClient:
             queue=self.callback_queue, on_message_callback=self.on_response, auto_ack=True
         )
 
-    @property
-    def where(self) -> str:
-        """The broker's address, without the credentials (URLs carry passwords)."""
-        p = self.parameters
-        return f"{p.host}:{p.port}, vhost {p.virtual_host!r}"
+    def on_blocked(self, connection: object, frame: pika.frame.Method) -> None:
+        self.blocked = getattr(frame.method, "reason", None)  # Unblocked has none
+
+    def on_confirm(self, frame: pika.frame.Method) -> None:
+        self.nacked = self.nacked or isinstance(frame.method, Basic.Nack)
 
     def on_response(
-        self, ch: BlockingChannel, method: Basic.Deliver, props: pika.BasicProperties, body: bytes
+        self, ch: object, method: Basic.Deliver, props: pika.BasicProperties, body: bytes
     ) -> None:
         if props.correlation_id in self.responses and self.responses[props.correlation_id] is None:
-            self.responses[props.correlation_id] = (props.type, body)
+            kind = "returned" if isinstance(method, Basic.Return) else props.type
+            self.responses[props.correlation_id] = (kind, body)
         else:  # a late reply to a call that timed out, a duplicate, or not ours
             LOGGER.debug("dropped a reply with correlation_id %r", props.correlation_id)
 
@@ -127,52 +170,53 @@ class FibonacciRpcClient:
         when no server consumes the queue, and RpcConnectionError when the broker is
         lost and sending again (retries) did not help.
         """
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        for attempt in range(self.retries + 1):
-            try:
-                if self.connection is None or not self.channel.is_open:
-                    self.connect()
-                self.corr_id = self.send(n, deadline)
-                return self.result(*self.wait(self.corr_id, deadline))
-            except AMQPConnectionError as error:
-                self.connection = None  # the next attempt, or call, reconnects
-                if attempt == self.retries:
-                    raise RpcConnectionError(
-                        f"connection to {self.where} lost: {error!r}"
-                    ) from None
-                LOGGER.warning("connection lost during a call (%r); sending again", error)
-        raise AssertionError("unreachable")
+        return self.call_many([n], window=1, timeout=timeout)[0]
 
     def call_many(
         self, ns: Sequence[int], window: int = 100, timeout: float | None = None
     ) -> list[int]:
-        """Return [fib(n) for n in ns], with up to window requests in flight at once.
-
-        Each request has call()'s timeout and raises as call() would; the first
-        failure in the order of ns raises. A lost connection is not retried here.
-        """
+        """[fib(n) for n in ns], window requests in flight at once; raises as call() would."""
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         timeout = self.timeout if timeout is None else timeout
-        if self.connection is None or not self.channel.is_open:
-            self.connect()
         results: list[int] = []
-        in_flight: deque[tuple[str, float]] = deque()  # (corr_id, deadline), oldest first
-        try:
-            for n in ns:
-                deadline = time.monotonic() + timeout
-                in_flight.append((self.send(n, deadline), deadline))
-                if len(in_flight) == window:
-                    results.append(self.result(*self.wait(*in_flight.popleft())))
-            while in_flight:
-                results.append(self.result(*self.wait(*in_flight.popleft())))
-        except AMQPConnectionError as error:
-            self.connection = None
-            raise RpcConnectionError(f"connection to {self.where} lost: {error!r}") from None
-        finally:
-            for corr_id, _ in in_flight:  # their replies, if any come, are strays now
-                self.responses.pop(corr_id, None)
+        todo = deque(ns)
+        in_flight: deque[tuple[int, str, float]] = deque()  # (n, corr_id, deadline), oldest first
+        attempt = 0
+        with self.lock:
+            try:
+                self.reconnect_if_closed()
+                while todo or in_flight:
+                    try:
+                        while todo and len(in_flight) < window:
+                            deadline = time.monotonic() + timeout
+                            in_flight.append(
+                                (todo[0], self.send(todo.popleft(), deadline), deadline)
+                            )
+                        results.append(self.result(*self.wait(*in_flight[0][1:])))
+                        in_flight.popleft()
+                        continue
+                    except NackError:  # the broker did not take a request
+                        LOGGER.warning("the broker refused a request; sending again")
+                    except AMQPConnectionError as error:  # the callback queue went with it
+                        if attempt == self.retries:
+                            raise RpcConnectionError(f"connection lost: {error!r}") from None
+                        attempt += 1
+                        LOGGER.warning("connection lost during a call (%r); sending again", error)
+                        self.connect()
+                    in_flight = deque((n, self.send(n, end), end) for n, _, end in in_flight)
+            finally:
+                self.responses.clear()  # replies still to come are strays now
         return results
+
+    def reconnect_if_closed(self) -> None:
+        """Reconnect, costing no retry, if the broker closed the connection while idle."""
+        try:
+            if self.connection is not None and self.channel.is_open:
+                return self.connection.process_data_events(0)  # learns of a close
+        except AMQPConnectionError:
+            LOGGER.info("the connection was closed while idle; reconnecting")
+        self.connect()
 
     def send(self, n: int, deadline: float) -> str:
         """Publish a request for fib(n); return its correlation_id."""
@@ -180,58 +224,61 @@ class FibonacciRpcClient:
         if remaining <= 0:
             raise RpcTimeoutError(f"fib({n}): timed out before it was sent")
         corr_id = str(uuid.uuid4())
-        self.channel.basic_publish(
-            exchange="",
-            routing_key=self.queue,
-            properties=pika.BasicProperties(
-                reply_to=self.callback_queue,
-                correlation_id=corr_id,
-                # The broker drops a request that no server took in time,
-                # instead of a server computing it for nobody.
-                expiration=str(math.ceil(remaining * 1000)),
-            ),
-            body=str(n),
+        properties = pika.BasicProperties(
+            reply_to=self.callback_queue,
+            correlation_id=corr_id,
+            # The broker drops a request that no server took in time,
+            # instead of a server computing it for nobody.
+            expiration=str(math.ceil(remaining * 1000)),
         )
         self.responses[corr_id] = None
+        # mandatory: a request that no queue takes comes back (on_return) at once.
+        self.channel.basic_publish("", self.queue, str(n), properties, mandatory=True)
         return corr_id
 
     def wait(self, corr_id: str, deadline: float) -> tuple[str | None, bytes]:
         """Process events until corr_id's reply comes; return its type and body."""
-        check_at = time.monotonic() + CHECK_AFTER
-        try:
-            while self.responses[corr_id] is None:
-                now = time.monotonic()
-                if now >= deadline:
-                    raise RpcTimeoutError(f"no reply within the timeout from {self.queue!r}")
-                if now >= check_at:
-                    self.check_server()
-                    check_at = deadline
-                # Blocks until an event or the time limit: no busy loop.
-                self.connection.process_data_events(time_limit=min(deadline, check_at) - now)
-            return self.responses[corr_id]
-        finally:
-            del self.responses[corr_id]  # a late reply is a stray one now
+        check_at = time.monotonic() + CHECK_EVERY
+        no_server_since: float | None = None
+        while self.responses[corr_id] is None:
+            now = time.monotonic()
+            if now >= deadline:
+                why = f"; the broker blocks this connection: {self.blocked}" if self.blocked else ""
+                raise RpcTimeoutError(f"no reply from {self.queue!r} within the timeout{why}")
+            if self.nacked:
+                self.nacked = False
+                raise NackError([])  # all requests in flight are sent again
+            # NOTE: no question to a broker that blocks us: it would not answer.
+            if now >= check_at and not self.blocked:
+                check_at = now + CHECK_EVERY
+                if self.consumer_count() > 0:
+                    no_server_since = None
+                elif no_server_since is None:
+                    no_server_since = now
+                elif now - no_server_since >= NO_SERVER_AFTER:
+                    raise NoServerError(f"no RPC server is consuming {self.queue!r}")
+            # Blocks until an event or the time limit: no busy loop.
+            self.connection.process_data_events(time_limit=min(deadline, check_at) - now)
+        return self.responses[corr_id]
 
-    def check_server(self) -> None:
-        """Raise NoServerError unless the queue exists and a server consumes it."""
+    def consumer_count(self) -> int:
         try:
-            declared = self.channel.queue_declare(queue=self.queue, passive=True)
+            return self.channel.queue_declare(queue=self.queue, passive=True).method.consumer_count
         except ChannelClosedByBroker as error:  # 404: no such queue
             self.close()  # the broker closed the channel: the next call reconnects
             raise NoServerError(
                 f"no RPC server is consuming {self.queue!r}: {error.reply_text}"
             ) from None
-        if declared.method.consumer_count == 0:
-            raise NoServerError(f"no RPC server is consuming {self.queue!r}")
 
-    @staticmethod
-    def result(kind: str | None, body: bytes) -> int:
+    def result(self, kind: str | None, body: bytes) -> int:
+        if kind == "returned":
+            raise NoServerError(f"no queue {self.queue!r}, so no RPC server consumes it")
         if kind == "error":
             raise RpcError(body.decode("utf-8", errors="replace"))
         try:
-            return to_int(body)
-        except ValueError:
-            raise RpcError(f"reply is not an integer: {body[:40]!r}") from None
+            return int(body)
+        except ValueError as error:
+            raise RpcError(f"cannot read the reply: {error}") from None
 
     def close(self) -> None:
         if self.connection is not None and self.connection.is_open:
@@ -248,14 +295,13 @@ class FibonacciRpcClient:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Request fib(n) from the RPC server of tutorial 6 and print the answers.",
-        epilog="Heartbeat, TLS and connection retry settings go in the URL's query string, "
-        "e.g. amqp://guest:guest@localhost:5672/%2F?heartbeat=30&connection_attempts=5",
+        epilog=EPILOG,
     )
     parser.add_argument("n", nargs="*", type=int, default=[30], help="n to request (default: 30)")
     parser.add_argument(
         "--url",
         default=os.environ.get("AMQP_URL") or DEFAULT_URL,
-        help="broker URL (default: $AMQP_URL, else amqp://guest:guest@localhost:5672/%%2F)",
+        help=URL_HELP,
     )
     parser.add_argument("--queue", default="rpc_queue", help="request queue (default: %(default)s)")
     parser.add_argument(
@@ -274,15 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:
         logging.getLogger("pika").setLevel(logging.CRITICAL)  # its errors are ours to report
-    if hasattr(sys, "set_int_max_str_digits"):
-        sys.set_int_max_str_digits(0)  # print results past 4300 digits too
     try:
         with FibonacciRpcClient(args.url, args.timeout, args.queue) as fibonacci_rpc:
             for n in args.n:
                 print(f" [x] Requesting fib({n})", flush=True)
                 response = fibonacci_rpc.call(n)
                 print(f" [.] Got {response}", flush=True)
-    except (RpcError, ConnectionError, TimeoutError, ValueError, AMQPError) as error:
+    except ValueError as error:  # the URL or the timeout
+        parser.error(str(error))
+    except (RpcError, ConnectionError, TimeoutError) as error:
         print(f"rpc_client: {error}", file=sys.stderr)
         return 1
     return 0
