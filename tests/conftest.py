@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import IO
 
 import pika
-import pika.data
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPError
@@ -169,12 +168,10 @@ def client(amqp_url: str, rpc_queue: str) -> Iterator[rpc_client.FibonacciRpcCli
 def _restore_what_main_changes() -> Iterator[None]:
     """Tests that call a script's main() in this process leave its global changes behind."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    decode_value = pika.data.decode_value
     pika_level = logging.getLogger("pika").level
     yield
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
-    pika.data.decode_value = decode_value
     logging.getLogger("pika").setLevel(pika_level)
 
 
@@ -235,8 +232,23 @@ def stray_reply(
     )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that uses the broker is marked integration (-m 'not integration' skips them)."""
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--disruptive",
+        action="store_true",
+        help="also run the tests that restart the broker or change its users (on when CI=true)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that uses the broker is marked integration (-m 'not integration' skips them).
+
+    Tests marked disruptive run only when asked for, or in CI: they restart the broker
+    at AMQP_URL or change its users, and that broker may be a developer's own.
+    """
+    run_disruptive = config.getoption("--disruptive") or os.environ.get("CI") == "true"
     for item in items:
         if "amqp_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+        if "disruptive" in item.keywords and not run_disruptive:
+            item.add_marker(pytest.mark.skip(reason="disturbs the broker: run with --disruptive"))

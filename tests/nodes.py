@@ -1,0 +1,135 @@
+"""Extra RabbitMQ nodes on loopback, started from the local rabbitmq-server.
+
+Each node has its own name, ports and directories (owned by the rabbitmq user, as the
+server runs as that user), so the broker on 5672 is never touched. Used by the cluster
+and TLS tests, and by `python -m tests.nodes start|stop` for a cluster by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BASE = Path(tempfile.gettempdir()) / "rpc-rabbitmq-nodes"
+CLUSTER_PORTS = (5681, 5682, 5683)
+
+
+class Node:
+    """One RabbitMQ node, c1@localhost on port 5681 say, with its data under BASE."""
+
+    def __init__(self, name: str, port: int, config: str = "") -> None:
+        self.name = f"{name}@localhost"
+        self.port = port
+        self.dir = BASE / name
+        self.config = f"listeners.tcp.1 = 127.0.0.1:{port}\n{config}"
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    def ctl(self, *args: str, timeout: float = 120) -> str:
+        """Run rabbitmqctl against this node; return its output, raise if it fails."""
+        done = subprocess.run(
+            ["rabbitmqctl", "-q", "-n", self.name, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl -n {self.name} {' '.join(args)}: {done.stderr}")
+        return done.stdout
+
+    def start(self, fresh: bool = True) -> None:
+        """Start the node detached (with empty data unless fresh is False); do not wait."""
+        if fresh:
+            self.remove()
+        for sub in ("mnesia", "log"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.dir / "rabbitmq.conf").write_text(self.config)
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(BASE)], check=True)
+        env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.port + 20000),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.dir / "pid"),
+        }
+        subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True, cwd=tempfile.gettempdir())
+
+    def wait(self, timeout: float = 90) -> None:
+        """Wait until the node has started (rabbitmqctl await_startup answers)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.ctl("await_startup", timeout=timeout)
+                return
+            except (RuntimeError, subprocess.TimeoutExpired):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} did not start; see {self.dir / 'log'}") from None
+                time.sleep(0.5)
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.dir / "pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the node: no goodbye to its clients or to the rest of the cluster."""
+        pid = self.pid()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            while Path(f"/proc/{pid}").exists():
+                time.sleep(0.05)
+        (self.dir / "pid").unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_cluster(ports: tuple[int, ...] = CLUSTER_PORTS) -> list[Node]:
+    """Start one node per port, c1@localhost first, and join the others to it."""
+    nodes = [Node(f"c{i}", port) for i, port in enumerate(ports, 1)]
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        node.wait()
+    for node in nodes[1:]:
+        node.ctl("stop_app")
+        node.ctl("join_cluster", nodes[0].name)
+        node.ctl("start_app")
+        node.wait()
+    return nodes
+
+
+def main(argv: list[str]) -> int:
+    nodes = [Node(f"c{i}", port) for i, port in enumerate(CLUSTER_PORTS, 1)]
+    if argv == ["start"]:
+        start_cluster()
+        print(",".join(node.url for node in nodes))  # an AMQP_URL for the whole cluster
+    elif argv == ["stop"]:
+        for node in nodes:
+            node.remove()
+    else:
+        print("usage: python -m tests.nodes start|stop", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
