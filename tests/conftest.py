@@ -26,6 +26,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPError
 
 import rpc_client
+import rpc_server
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = os.environ.get("AMQP_URL") or rpc_client.DEFAULT_URL
@@ -184,6 +185,16 @@ def run_script(name: str, *args: str, timeout: float = 60) -> subprocess.Complet
         timeout=timeout,
         env={k: v for k, v in os.environ.items() if k != "AMQP_URL"},
     )
+
+
+def digits(n: int) -> bytes:
+    """fib(n) in decimal digits, as a server sends it, however many digits it has."""
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        return str(rpc_server.fib(n)).encode()
+    finally:
+        sys.set_int_max_str_digits(limit)
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
