@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 
 import pika
-from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker, NackError
+from pika.exceptions import AMQPChannelError, AMQPConnectionError, ChannelClosedByBroker, NackError
 from pika.spec import Basic
 
 LOGGER = logging.getLogger("rpc_client")
@@ -85,7 +85,9 @@ def broker_parameters(urls: str, name: str) -> list[pika.URLParameters]:
     return nodes
 
 
-def connect(nodes: list[pika.URLParameters]) -> pika.BlockingConnection:
+def connect(
+    nodes: list[pika.URLParameters], log: logging.Logger = LOGGER
+) -> pika.BlockingConnection:
     """Connect to the first node that answers; the next connect starts after it."""
     errors = []  # where each node is, without the credentials (URLs carry passwords)
     for _ in nodes:
@@ -93,7 +95,7 @@ def connect(nodes: list[pika.URLParameters]) -> pika.BlockingConnection:
         nodes.append(node)  # a node lost with its connection is tried last next time
         try:
             connection = pika.BlockingConnection(node)
-            LOGGER.info("connected to %s:%s", node.host, node.port)
+            log.info("connected to %s:%s", node.host, node.port)
             return connection
         except (AMQPConnectionError, OSError) as error:  # OSError: no such host
             errors.append(f"{node.host}:{node.port}: {error!r}")
@@ -330,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     except (RpcError, ConnectionError, TimeoutError) as error:
         print(f"rpc_client: {error}", file=sys.stderr)
+        return 1
+    except AMQPChannelError as error:  # a permission this account lacks, say
+        print(f"rpc_client: the broker refused: {error!r}", file=sys.stderr)
         return 1
     return 0
 

@@ -72,7 +72,11 @@ def open_queue(connection: pika.BlockingConnection, queue: str) -> BlockingChann
         if error.reply_code != 403:  # ACCESS_REFUSED: this account may not configure it
             raise
     channel = connection.channel()
-    channel.queue_declare(queue=queue, passive=True)  # NOT_FOUND if no one declared it
+    try:
+        channel.queue_declare(queue=queue, passive=True)  # NOT_FOUND if no one declared it
+    except ChannelClosedByBroker as error:  # both reasons, or the operator learns one
+        text = f"{error.reply_text}, and this account may not declare it"
+        raise ChannelClosedByBroker(error.reply_code, text) from None
     LOGGER.info("this account may not declare %r; using it as declared", queue)
     return channel
 
@@ -213,23 +217,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("pika").setLevel(logging.CRITICAL)  # its errors are ours to report
     sys.set_int_max_str_digits(0)  # a raised --max-n answers past 4300 digits
-    connected = False
-    failures = 0  # connection attempts in a row that found no node answering
+    connected_at: float | None = None  # when the last connection was made
+    failures = 0  # connections refused, or lost soon after they were made, in a row
     while not signals:
+        # Back off, capped, with jitter so that a fleet of servers does not reconnect
+        # in step; a signal ends the wait.
+        delay = failures and min(BACKOFF_CAP, 0.1 * 2 ** (failures - 1)) * random.uniform(0.5, 1)
+        if delay:
+            LOGGER.warning("reconnecting in %.1f s", delay)
+        until = time.monotonic() + delay
+        while not signals and time.monotonic() < until:
+            time.sleep(0.05)
         try:
-            connection = connect(args.nodes)
+            connection = connect(args.nodes, LOGGER)
         except ConnectionError as error:
-            if not connected:  # the URL, user or password is most likely wrong
+            if connected_at is None:  # the URL, user or password is most likely wrong
                 print(f"rpc_server: {error}", file=sys.stderr)
                 return 1
-            # Every node failed: back off, capped, with jitter so that a fleet of
-            # servers does not reconnect in step.
-            delay = min(BACKOFF_CAP, 0.1 * 2**failures) * random.uniform(0.5, 1)
+            LOGGER.warning("%s", error)
             failures += 1
-            LOGGER.warning("%s; retrying in %.1f s", error, delay)
-            time.sleep(delay)
             continue
-        connected, failures = True, 0
+        connected_at = time.monotonic()
         try:
             while not signals:
                 serve(connection, args, signals)
@@ -238,8 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"rpc_server: the broker refused: {error!r}", file=sys.stderr)
             return 1
         except AMQPConnectionError as error:
-            # NOTE: a lost node: the next one is tried at once.
-            LOGGER.warning("connection lost (%r); reconnecting", error)
+            # NOTE: after a node that served a while is lost, the next node is tried at
+            # once; a connection lost soon after it was made (a message that pika cannot
+            # decode, a failing node) backs off.
+            soon = time.monotonic() - connected_at < BACKOFF_CAP
+            failures = failures + 1 if soon else 0
+            LOGGER.warning("connection lost (%r)", error)
         finally:
             if connection.is_open:
                 connection.close()
