@@ -7,6 +7,7 @@ and TLS tests, and by `python -m tests.nodes start|stop` for a cluster by hand.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -28,10 +29,16 @@ class Node:
         self.port = port
         self.dir = BASE / name
         self.config = f"listeners.tcp.1 = 127.0.0.1:{port}\n{config}"
+        self.files: dict[str, bytes] = {}  # written into dir by start(): see put()
 
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    def put(self, filename: str, content: bytes) -> Path:
+        """Have start() write a file the node can read (a certificate, say); return its path."""
+        self.files[filename] = content
+        return self.dir / filename
 
     def ctl(self, *args: str, timeout: float = 120) -> str:
         """Run rabbitmqctl against this node; return its output, raise if it fails."""
@@ -53,6 +60,8 @@ class Node:
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         (self.dir / "rabbitmq.conf").write_text(self.config)
         (self.dir / "enabled_plugins").write_text("[].\n")
+        for filename, content in self.files.items():
+            (self.dir / filename).write_bytes(content)
         subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(BASE)], check=True)
         env = {
             **os.environ,
@@ -89,10 +98,8 @@ class Node:
         """SIGKILL the node: no goodbye to its clients or to the rest of the cluster."""
         pid = self.pid()
         if pid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             while Path(f"/proc/{pid}").exists():
                 time.sleep(0.05)
         (self.dir / "pid").unlink(missing_ok=True)
