@@ -9,11 +9,17 @@ make_venv() {
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$1"
 }
 
+# broker_answers: exit 0 if the broker at AMQP_URL (its first URL) lets us in,
+# 3 if it answers but refuses the credentials, 1 if nothing answers.
 broker_answers() {
   .venv/bin/python -c '
 import os, sys, pika
+from pika.exceptions import ProbableAccessDeniedError, ProbableAuthenticationError
+url = os.environ["AMQP_URL"].split(",amqp")[0]
 try:
-    pika.BlockingConnection(pika.URLParameters(os.environ["AMQP_URL"])).close()
+    pika.BlockingConnection(pika.URLParameters(url)).close()
+except (ProbableAccessDeniedError, ProbableAuthenticationError):
+    sys.exit(3)
 except Exception:
     sys.exit(1)'
 }
@@ -21,7 +27,13 @@ except Exception:
 # ensure_broker: the broker at AMQP_URL if it answers; else one started with
 # docker compose or the local rabbitmq-server; else say how to get one.
 ensure_broker() {
-  broker_answers && return
+  local status=0
+  broker_answers || status=$?
+  [ "$status" = 0 ] && return
+  if [ "$status" = 3 ]; then
+    echo "The broker at AMQP_URL answers but refuses its user name or password (or vhost)." >&2
+    exit 1
+  fi
   if docker info >/dev/null 2>&1; then
     echo "Starting RabbitMQ with docker compose..." >&2
     docker compose up -d --wait

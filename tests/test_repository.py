@@ -26,6 +26,27 @@ def test_readme_quickstart_names_the_two_commands_ci_runs() -> None:
     assert "./scripts/test" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_github_workflow_runs_the_readme_test_command_against_rabbitmq_4() -> None:
+    # actionlint from PyPI downloads its binary from GitHub at install time, which this
+    # CI cannot reach: the workflow's shape is checked here instead.
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    assert set(workflow[True]) == {"push", "pull_request"}  # YAML 1.1 reads "on" as True
+    (job,) = workflow["jobs"].values()
+    (service,) = job["services"].values()
+    assert service["image"] == "rabbitmq:4-management"
+    assert service["ports"] == ["5672:5672"]
+    assert '--health-cmd "rabbitmq-diagnostics -q ping"' in service["options"]
+    readme = (ROOT / "README.md").read_text()
+    versions = job["strategy"]["matrix"]["python-version"]
+    assert f"Python {versions[0]} to {versions[-1]}" in readme
+    steps = job["steps"]
+    assert steps[0]["uses"].startswith("actions/checkout@")
+    assert steps[1]["with"]["python-version"] == "${{ matrix.python-version }}"
+    # The README's test command, with the tests that need local RabbitMQ tools left out.
+    assert steps[-1]["run"] == './scripts/test -m "not local_rabbitmq"'
+    assert '-m "not local_rabbitmq"' in readme
+
+
 def test_demo_prints_fib_30(amqp_url: str) -> None:
     done = subprocess.run(
         [str(ROOT / "scripts" / "demo")],
