@@ -62,6 +62,15 @@ def parse_request(body: bytes, max_n: int) -> int:
     return int(text)
 
 
+def answer(n: int) -> tuple[str | None, bytes]:
+    """The reply's type and body for fib(n)."""
+    try:
+        return None, str(fib(n)).encode()
+    except Exception as error:  # one request's failure must not stop the server
+        LOGGER.exception("fib(%d) failed", n)
+        return "error", f"server error: {type(error).__name__}".encode()
+
+
 def open_queue(connection: pika.BlockingConnection, queue: str) -> BlockingChannel:
     """A channel on which queue exists, declared by us or, failing that, by an operator."""
     channel = connection.channel()
@@ -111,15 +120,10 @@ def serve(
         in_hand.discard(delivery_tag)
 
     def work(delivery_tag: int, props: pika.BasicProperties, n: int) -> None:
-        try:
-            kind, body = None, str(fib(n)).encode()
-        except Exception as error:  # one request's failure must not stop the server
-            LOGGER.exception("fib(%d) failed", n)
-            kind, body = "error", f"server error: {type(error).__name__}".encode()
         # NOTE: pika is not thread-safe: the reply and the ack are handed back to
         # the connection's own thread.
         connection.add_callback_threadsafe(
-            functools.partial(reply, delivery_tag, props, kind, body)
+            functools.partial(reply, delivery_tag, props, *answer(n))
         )
 
     def on_request(
@@ -140,9 +144,12 @@ def serve(
             return
         if not args.quiet:
             print(f" [.] fib({n})", flush=True)
-        # NOTE: the work runs in a thread, as in pika's basic_consumer_threaded.py,
-        # so that this one goes on answering heartbeats: the broker closes a
-        # connection silent for two heartbeat intervals.
+        if n <= MAX_N:  # milliseconds of work: a thread would cost a quarter of the rate
+            reply(method.delivery_tag, props, *answer(n))
+            return
+        # NOTE: longer work (a raised --max-n) runs in a thread, as in pika's
+        # basic_consumer_threaded.py, so that this one goes on answering heartbeats:
+        # the broker closes a connection silent for two heartbeat intervals.
         threading.Thread(target=work, args=(method.delivery_tag, props, n), daemon=True).start()
 
     channel.basic_consume(queue=args.queue, on_message_callback=on_request)
