@@ -14,6 +14,7 @@ server's error replies, and loses no call when a broker node is lost.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -200,6 +201,9 @@ class FibonacciRpcClient:
                         continue
                     except NackError:  # the broker did not take a request
                         LOGGER.warning("the broker refused a request; sending again")
+                        # NOTE: on a new connection: a channel opened as the queue's leader
+                        # died has every request refused until that node comes back.
+                        self.connect()
                     except AMQPConnectionError as error:  # the callback queue went with it
                         if attempt == self.retries:
                             raise RpcConnectionError(f"connection lost: {error!r}") from None
@@ -259,8 +263,9 @@ class FibonacciRpcClient:
                     no_server_since = now
                 elif now - no_server_since >= NO_SERVER_AFTER:
                     raise NoServerError(f"no RPC server is consuming {self.queue!r}")
-            # Blocks until an event or the time limit: no busy loop.
-            self.connection.process_data_events(time_limit=min(deadline, check_at) - now)
+            # Blocks until an event (an unblock, say) or the time limit: no busy loop.
+            limit = deadline if self.blocked else min(deadline, check_at)  # no checks if blocked
+            self.connection.process_data_events(time_limit=limit - now)
         return self.responses[corr_id]
 
     def consumer_count(self) -> int:
@@ -284,7 +289,10 @@ class FibonacciRpcClient:
 
     def close(self) -> None:
         if self.connection is not None and self.connection.is_open:
-            self.connection.close()
+            if self.blocked:  # NOTE: a broker that blocks us would not answer a close:
+                self.connection._impl._on_blocked_connection_timeout()  # drop it as pika would
+            with contextlib.suppress(pika.exceptions.ConnectionBlockedTimeout):
+                self.connection.close()
         self.connection = None
 
     def __enter__(self) -> FibonacciRpcClient:

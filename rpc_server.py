@@ -154,8 +154,16 @@ def serve(
 
     channel.basic_consume(queue=args.queue, on_message_callback=on_request)
     print(" [x] Awaiting RPC requests", flush=True)
+    look_at = time.monotonic() + 5
     while not signals and not cancelled:  # channel.start_consuming(), but these end it
         connection.process_data_events(time_limit=1)
+        if time.monotonic() > look_at:  # NOTE: a cluster may lose the queue and not cancel us
+            look_at = time.monotonic() + 5
+            try:
+                with connection.channel() as look:
+                    look.queue_declare(queue=args.queue, passive=True)
+            except ChannelClosedByBroker as error:  # NOT_FOUND: our consumer is gone with it
+                cancelled.append(error)
     if cancelled:
         LOGGER.warning("the broker cancelled our consumer; declaring %r again", args.queue)
     else:

@@ -12,12 +12,48 @@ from tests.conftest import ROOT
 
 def test_compose_file_runs_a_current_rabbitmq_with_a_healthcheck() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    (service,) = compose["services"].values()
+    # The one service that `docker compose up` starts: the others are in profiles.
+    (service,) = (s for s in compose["services"].values() if "profiles" not in s)
     assert service["image"].startswith("rabbitmq:4")
     assert "management" in service["image"]
     assert {"5672:5672", "15672:15672"} <= set(service["ports"])
     # `docker compose up --wait` waits on this: it must really ping the broker.
     assert service["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
+
+
+def test_compose_cluster_profile_runs_three_clustered_nodes() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    nodes = {
+        name: service
+        for name, service in compose["services"].items()
+        if "cluster" in service.get("profiles", ())
+    }
+    assert sorted(nodes) == ["rabbit1", "rabbit2", "rabbit3"]
+    cookies, mounts = set(), set()
+    for i, (name, node) in enumerate(sorted(nodes.items()), 1):
+        assert node["image"].startswith("rabbitmq:4") and "management" in node["image"]
+        assert node["hostname"] == name  # the node is rabbit@<hostname>
+        assert f"568{i}:5672" in node["ports"]
+        assert node["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
+        cookies.add(node["environment"]["RABBITMQ_ERLANG_COOKIE"])
+        mounts.update(node["volumes"])
+    # One cookie for all three, or they cannot talk to each other; one config file.
+    (cookie,) = cookies
+    assert cookie
+    (mount,) = mounts
+    source, target = mount.split(":")[:2]
+    assert target.startswith("/etc/rabbitmq/conf.d/")  # next to the image's defaults
+    # Nodes 2 and 3 start once node 1 is healthy, and join it.
+    for name in ("rabbit2", "rabbit3"):
+        assert nodes[name]["depends_on"]["rabbit1"]["condition"] == "service_healthy"
+    settings = dict(
+        line.split(" = ")
+        for line in (ROOT / source).read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert settings["cluster_formation.peer_discovery_backend"] == "classic_config"
+    listed = {v for k, v in settings.items() if k.startswith("cluster_formation.classic_config.")}
+    assert listed == {f"rabbit@{name}" for name in nodes}
 
 
 def test_readme_quickstart_names_the_two_commands_ci_runs() -> None:
