@@ -1,20 +1,15 @@
 #!/usr/bin/env python
 """RPC client of RabbitMQ tutorial 6 ("Remote procedure call"), for pika 1.x.
 
-FibonacciRpcClient sends n to rpc_queue with a reply_to queue and a fresh
-correlation_id, then waits for the reply that carries the same correlation_id.
-Beyond the tutorial, for production: a call never hangs (it times out, and the
-request expires with it), fails fast when no server consumes the queue, raises the
-server's error replies, and loses no call when a broker node is lost.
-
-    with FibonacciRpcClient() as fibonacci_rpc:
-        fibonacci_rpc.call(30)  # 832040
+FibonacciRpcClient sends n to rpc_queue with a reply_to queue and a fresh correlation_id,
+then waits for the reply with the same correlation_id. Beyond the tutorial, for production:
+a call never hangs, fails fast when no server consumes the queue, raises the server's error
+replies, and is not lost with a broker node. Usage: FibonacciRpcClient().call(30) == 832040
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -35,18 +30,15 @@ LOGGER = logging.getLogger("rpc_client")
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_TIMEOUT = 10.0  # seconds
-# NOTE: a reply that is late makes the client ask the broker, every CHECK_EVERY
-# seconds, whether any server consumes the queue. Only a queue left without one
-# for NO_SERVER_AFTER seconds means no server: servers that lose a node come back.
+# NOTE: while a reply is late, the client asks every CHECK_EVERY s whether a server consumes
+# the queue; none for NO_SERVER_AFTER s means none at all (servers that lose a node come back).
 CHECK_EVERY = 0.25
 NO_SERVER_AFTER = 1.25
 BLOCKED_TIMEOUT = 30.0  # seconds a broker in a resource alarm may block a connection
-EPILOG = (
-    "Heartbeat, TLS and connection retry settings go in the URL's query string, e.g. "
-    "amqp://guest:guest@localhost:5672/%2F?heartbeat=30&connection_attempts=5. "
-    "For a cluster, give several URLs separated by commas."
+URL_HELP = (  # both scripts'
+    "broker URL, or several separated by commas for a cluster (default: $AMQP_URL, else "
+    "localhost); heartbeat, TLS and retry settings go in its query string, e.g. ?heartbeat=30"
 )
-URL_HELP = "broker URL(s) (default: $AMQP_URL, else amqp://guest:guest@localhost:5672/%%2F)"
 
 
 class RpcError(Exception):
@@ -65,7 +57,9 @@ class RpcTimeoutError(TimeoutError):
     """No reply came before the call's timeout."""
 
 
-def broker_parameters(urls: str, name: str) -> list[pika.URLParameters]:
+def broker_parameters(
+    urls: str, name: str, blocked: float = BLOCKED_TIMEOUT
+) -> list[pika.URLParameters]:
     """Parameters for each node of a comma-separated list of URLs, in random order."""
     nodes = []
     for url in re.split(r",(?=amqps?://)", urls.strip()):  # a comma in a query stays
@@ -77,8 +71,7 @@ def broker_parameters(urls: str, name: str) -> list[pika.URLParameters]:
             raise ValueError(f"invalid broker URL: {error}") from None
         # NOTE: pika waits without a bound on a connection that a broker in a
         # resource alarm blocks, unless it is given a timeout.
-        if node.blocked_connection_timeout is None:
-            node.blocked_connection_timeout = BLOCKED_TIMEOUT
+        node.blocked_connection_timeout = node.blocked_connection_timeout or blocked
         # Named in the broker's list of connections, unless the URL names it.
         node.client_properties = {"connection_name": name, **(node.client_properties or {})}
         nodes.append(node)
@@ -86,18 +79,14 @@ def broker_parameters(urls: str, name: str) -> list[pika.URLParameters]:
     return nodes
 
 
-def connect(
-    nodes: list[pika.URLParameters], log: logging.Logger = LOGGER
-) -> pika.BlockingConnection:
-    """Connect to the first node that answers; the next connect starts after it."""
+def connect(nodes: list[pika.URLParameters]) -> pika.BlockingConnection:
+    """Connect to the first node that answers and move it last: the next connect starts after it."""
     errors = []  # where each node is, without the credentials (URLs carry passwords)
     for _ in nodes:
         node = nodes.pop(0)
         nodes.append(node)  # a node lost with its connection is tried last next time
         try:
-            connection = pika.BlockingConnection(node)
-            log.info("connected to %s:%s", node.host, node.port)
-            return connection
+            return pika.BlockingConnection(node)
         except (AMQPConnectionError, OSError) as error:  # OSError: no such host
             errors.append(f"{node.host}:{node.port}: {error!r}")
     raise RpcConnectionError("cannot connect to the broker at " + "; ".join(errors))
@@ -113,9 +102,9 @@ class FibonacciRpcClient:
     ) -> None:
         if not 0 < timeout < math.inf:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
-        self.nodes = broker_parameters(
-            url or os.environ.get("AMQP_URL") or DEFAULT_URL, "rpc_client"
-        )
+        # A connection blocked by a resource alarm is dropped when a call would time out.
+        url = url or os.environ.get("AMQP_URL") or DEFAULT_URL
+        self.nodes = broker_parameters(url, "rpc_client", blocked=timeout)
         self.timeout = timeout
         self.queue = queue
         self.retries = retries  # calls sent again after a lost connection; fib is idempotent
@@ -133,10 +122,8 @@ class FibonacciRpcClient:
         self.connection.add_on_connection_blocked_callback(self.on_blocked)
         self.connection.add_on_connection_unblocked_callback(self.on_blocked)
         self.channel = self.connection.channel()
-        # NOTE: publisher confirms: a nack says the broker did not take a request (a
-        # reply says it did). BlockingChannel.confirm_delivery() would wait for each
-        # confirm in turn; call_many keeps many requests in flight, so confirms are
-        # turned on for the channel underneath.
+        # NOTE: publisher confirms, for the nack of a request the broker did not take, on the
+        # channel underneath: BlockingChannel.confirm_delivery() would wait for each in turn.
         self.channel._impl.confirm_delivery(ack_nack_callback=self.on_confirm)
         self.nacked = False
         # mandatory: a request that no queue takes comes back, to on_response.
@@ -166,13 +153,8 @@ class FibonacciRpcClient:
             LOGGER.debug("dropped a reply with correlation_id %r", props.correlation_id)
 
     def call(self, n: int, timeout: float | None = None) -> int:
-        """Return fib(n) as computed by a server.
-
-        Raises RpcError when the server answers with an error, RpcTimeoutError when
-        no reply comes within timeout seconds (default: the client's), NoServerError
-        when no server consumes the queue, and RpcConnectionError when the broker is
-        lost and sending again (retries) did not help.
-        """
+        """fib(n) from a server; raises RpcError, RpcTimeoutError, NoServerError (an
+        RpcConnectionError) or RpcConnectionError, as the README's table says."""
         return self.call_many([n], window=1, timeout=timeout)[0]
 
     def call_many(
@@ -181,7 +163,7 @@ class FibonacciRpcClient:
         """[fib(n) for n in ns], window requests in flight at once; raises as call() would."""
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
-        timeout = self.timeout if timeout is None else timeout
+        timeout = timeout or self.timeout
         results: list[int] = []
         todo = deque(ns)
         in_flight: deque[tuple[int, str, float]] = deque()  # (n, corr_id, deadline), oldest first
@@ -196,20 +178,20 @@ class FibonacciRpcClient:
                             in_flight.append(
                                 (todo[0], self.send(todo.popleft(), deadline), deadline)
                             )
-                        results.append(self.result(*self.wait(*in_flight[0][1:])))
+                        results.append(self.wait(*in_flight[0][1:]))
                         in_flight.popleft()
                         continue
-                    except NackError:  # the broker did not take a request
-                        LOGGER.warning("the broker refused a request; sending again")
-                        # NOTE: on a new connection: a channel opened as the queue's leader
-                        # died has every request refused until that node comes back.
-                        self.connect()
-                    except AMQPConnectionError as error:  # the callback queue went with it
+                    # NOTE: a lost connection took its callback queue; a nack (a channel opened as
+                    # the queue's leader died refuses all) took no request. Either way, those in
+                    # flight go again on a new connection; retries count those that may have run.
+                    except AMQPConnectionError as error:
                         if attempt == self.retries:
                             raise RpcConnectionError(f"connection lost: {error!r}") from None
                         attempt += 1
                         LOGGER.warning("connection lost during a call (%r); sending again", error)
-                        self.connect()
+                    except NackError:
+                        LOGGER.warning("the broker refused a request; sending again")
+                    self.connect()
                     in_flight = deque((n, self.send(n, end), end) for n, _, end in in_flight)
             finally:
                 self.responses.clear()  # replies still to come are strays now
@@ -221,29 +203,23 @@ class FibonacciRpcClient:
             if self.connection is not None and self.channel.is_open:
                 return self.connection.process_data_events(0)  # learns of a close
         except AMQPConnectionError:
-            LOGGER.info("the connection was closed while idle; reconnecting")
+            pass
         self.connect()
 
     def send(self, n: int, deadline: float) -> str:
         """Publish a request for fib(n); return its correlation_id."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RpcTimeoutError(f"fib({n}): timed out before it was sent")
         corr_id = str(uuid.uuid4())
+        # expiration: a request no server took in time is dropped, not computed for nobody.
+        ttl = str(max(1, math.ceil((deadline - time.monotonic()) * 1000)))
         properties = pika.BasicProperties(
-            reply_to=self.callback_queue,
-            correlation_id=corr_id,
-            # The broker drops a request that no server took in time,
-            # instead of a server computing it for nobody.
-            expiration=str(math.ceil(remaining * 1000)),
+            reply_to=self.callback_queue, correlation_id=corr_id, expiration=ttl
         )
         self.responses[corr_id] = None
-        # mandatory: a request that no queue takes comes back (on_return) at once.
         self.channel.basic_publish("", self.queue, str(n), properties, mandatory=True)
         return corr_id
 
-    def wait(self, corr_id: str, deadline: float) -> tuple[str | None, bytes]:
-        """Process events until corr_id's reply comes; return its type and body."""
+    def wait(self, corr_id: str, deadline: float) -> int:
+        """Process events until corr_id's reply comes; return its answer, or raise."""
         check_at = time.monotonic() + CHECK_EVERY
         no_server_since: float | None = None
         while self.responses[corr_id] is None:
@@ -252,32 +228,17 @@ class FibonacciRpcClient:
                 why = f"; the broker blocks this connection: {self.blocked}" if self.blocked else ""
                 raise RpcTimeoutError(f"no reply from {self.queue!r} within the timeout{why}")
             if self.nacked:
-                self.nacked = False
-                raise NackError([])  # all requests in flight are sent again
+                raise NackError([])
             # NOTE: no question to a broker that blocks us: it would not answer.
             if now >= check_at and not self.blocked:
                 check_at = now + CHECK_EVERY
-                if self.consumer_count() > 0:
-                    no_server_since = None
-                elif no_server_since is None:
-                    no_server_since = now
-                elif now - no_server_since >= NO_SERVER_AFTER:
+                no_server_since = None if self.consumer_count() else no_server_since or now
+                if no_server_since and now - no_server_since >= NO_SERVER_AFTER:
                     raise NoServerError(f"no RPC server is consuming {self.queue!r}")
-            # Blocks until an event (an unblock, say) or the time limit: no busy loop.
-            limit = deadline if self.blocked else min(deadline, check_at)  # no checks if blocked
+            # Blocks until an event or the time limit: no busy loop.
+            limit = deadline if self.blocked else min(deadline, check_at)
             self.connection.process_data_events(time_limit=limit - now)
-        return self.responses[corr_id]
-
-    def consumer_count(self) -> int:
-        try:
-            return self.channel.queue_declare(queue=self.queue, passive=True).method.consumer_count
-        except ChannelClosedByBroker as error:  # 404: no such queue
-            self.close()  # the broker closed the channel: the next call reconnects
-            raise NoServerError(
-                f"no RPC server is consuming {self.queue!r}: {error.reply_text}"
-            ) from None
-
-    def result(self, kind: str | None, body: bytes) -> int:
+        kind, body = self.responses[corr_id]
         if kind == "returned":
             raise NoServerError(f"no queue {self.queue!r}, so no RPC server consumes it")
         if kind == "error":
@@ -287,12 +248,19 @@ class FibonacciRpcClient:
         except ValueError as error:
             raise RpcError(f"cannot read the reply: {error}") from None
 
+    def consumer_count(self) -> int:
+        try:
+            return self.channel.queue_declare(queue=self.queue, passive=True).method.consumer_count
+        except ChannelClosedByBroker:  # 404: the queue is gone, and the channel with it
+            self.close()  # the next call reconnects
+            raise NoServerError(f"no queue {self.queue!r}, so no RPC server consumes it") from None
+
     def close(self) -> None:
-        if self.connection is not None and self.connection.is_open:
-            if self.blocked:  # NOTE: a broker that blocks us would not answer a close:
-                self.connection._impl._on_blocked_connection_timeout()  # drop it as pika would
-            with contextlib.suppress(pika.exceptions.ConnectionBlockedTimeout):
+        try:  # a connection blocked by an alarm is dropped by its blocked timeout
+            if self.connection is not None and self.connection.is_open:
                 self.connection.close()
+        except AMQPConnectionError:
+            pass
         self.connection = None
 
     def __enter__(self) -> FibonacciRpcClient:
@@ -303,26 +271,14 @@ class FibonacciRpcClient:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Request fib(n) from the RPC server of tutorial 6 and print the answers.",
-        epilog=EPILOG,
-    )
+    parser = argparse.ArgumentParser(description="Request fib(n) from the tutorial 6 RPC server.")
     parser.add_argument("n", nargs="*", type=int, default=[30], help="n to request (default: 30)")
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("AMQP_URL") or DEFAULT_URL,
-        help=URL_HELP,
-    )
+    parser.add_argument("--url", default=os.environ.get("AMQP_URL") or DEFAULT_URL, help=URL_HELP)
     parser.add_argument("--queue", default="rpc_queue", help="request queue (default: %(default)s)")
     parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        help="seconds to wait for each reply (default: %(default)s)",
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for each reply"
     )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log debug detail, pika's included"
-    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail, pika's too")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -338,11 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f" [.] Got {response}", flush=True)
     except ValueError as error:  # the URL or the timeout
         parser.error(str(error))
-    except (RpcError, ConnectionError, TimeoutError) as error:
+    # AMQPChannelError: the broker refused something, a permission this account lacks, say.
+    except (RpcError, ConnectionError, TimeoutError, AMQPChannelError) as error:
         print(f"rpc_client: {error}", file=sys.stderr)
-        return 1
-    except AMQPChannelError as error:  # a permission this account lacks, say
-        print(f"rpc_client: the broker refused: {error!r}", file=sys.stderr)
         return 1
     return 0
 

@@ -27,7 +27,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPChannelError, AMQPConnectionError, ChannelClosedByBroker, NackError
 from pika.spec import Basic
 
-from rpc_client import DEFAULT_URL, EPILOG, URL_HELP, broker_parameters, connect
+from rpc_client import DEFAULT_URL, URL_HELP, broker_parameters, connect
 
 LOGGER = logging.getLogger("rpc_server")
 
@@ -176,7 +176,6 @@ def serve(
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Answer fib(n) requests from a RabbitMQ queue: the RPC server of tutorial 6.",
-        epilog=EPILOG,
     )
     parser.add_argument(
         "--url",
@@ -244,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         while not signals and time.monotonic() < until:
             time.sleep(0.05)
         try:
-            connection = connect(args.nodes, LOGGER)
+            connection = connect(args.nodes)
         except ConnectionError as error:
             if connected_at is None:  # the URL, user or password is most likely wrong
                 print(f"rpc_server: {error}", file=sys.stderr)
@@ -253,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures += 1
             continue
         connected_at = time.monotonic()
+        LOGGER.info("connected to %s:%s", args.nodes[-1].host, args.nodes[-1].port)  # moved last
         try:
             while not signals:
                 serve(connection, args, signals)

@@ -64,12 +64,12 @@ def test_parse_request_refuses(body: bytes, shown: str) -> None:
         ("returned", b"30", rpc_client.NoServerError, "^no queue 'rpc_queue'"),
     ],
 )
-def test_result_raises_what_is_not_an_answer(kind, body, raised, message) -> None:
-    client = object.__new__(rpc_client.FibonacciRpcClient)  # no connection for result()
-    client.queue = "rpc_queue"
-    assert client.result(None, b"832040") == 832040
+def test_a_reply_that_is_not_an_answer_raises(kind, body, raised, message) -> None:
+    client = object.__new__(rpc_client.FibonacciRpcClient)  # no connection: replies are in
+    client.queue, client.responses = "rpc_queue", {"ok": (None, b"832040"), "no": (kind, body)}
+    assert client.wait("ok", deadline=0) == 832040
     with pytest.raises(raised, match=message):
-        client.result(kind, body)
+        client.wait("no", deadline=0)
 
 
 def test_errors_subclass_the_builtin_ones() -> None:
