@@ -74,7 +74,9 @@ class Node:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
             "RABBITMQ_PID_FILE": str(self.dir / "pid"),
         }
-        subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True, cwd=tempfile.gettempdir())
+        subprocess.run(
+            ["rabbitmq-server", "-detached"], env=env, check=True, cwd=tempfile.gettempdir()
+        )
 
     def wait(self, timeout: float = 90) -> None:
         """Wait until the node has started (rabbitmqctl await_startup answers)."""
@@ -85,7 +87,9 @@ class Node:
                 return
             except (RuntimeError, subprocess.TimeoutExpired):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name} did not start; see {self.dir / 'log'}") from None
+                    raise RuntimeError(
+                        f"{self.name} did not start; see {self.dir / 'log'}"
+                    ) from None
                 time.sleep(0.5)
 
     def pid(self) -> int | None:
