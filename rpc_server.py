@@ -165,7 +165,7 @@ def serve(
             except ChannelClosedByBroker as error:  # NOT_FOUND: our consumer is gone with it
                 cancelled.append(error)
     if cancelled:
-        LOGGER.warning("the broker cancelled our consumer; declaring %r again", args.queue)
+        LOGGER.warning("our consumer was cancelled, or its queue deleted; declaring it again")
     else:
         channel.stop_consuming()  # requests not yet handed to us go back to the queue
     while in_hand:

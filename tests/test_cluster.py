@@ -408,7 +408,7 @@ def test_queue_deleted_under_a_running_server_it_declares_and_consumes_again(
         assert client.call(30) == 832040
         cluster[0].ctl("delete_queue", queue)
         wait_until(
-            lambda: any("the broker cancelled our consumer" in line for line in server.stderr),
+            lambda: any("our consumer was cancelled" in line for line in server.stderr),
             10,
             "the server said its consumer was cancelled",
         )
