@@ -259,7 +259,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """
     run_disruptive = config.getoption("--disruptive") or os.environ.get("CI") == "true"
     for item in items:
-        if "amqp_url" in getattr(item, "fixturenames", ()):
+        if "amqp_url" in getattr(item, "fixturenames", ()) or "local_rabbitmq" in item.keywords:
             item.add_marker(pytest.mark.integration)
         if "disruptive" in item.keywords and not run_disruptive:
             item.add_marker(pytest.mark.skip(reason="disturbs the broker: run with --disruptive"))
