@@ -4,7 +4,7 @@
 It consumes requests from rpc_queue, computes fib(n) and publishes the answer to the
 request's reply_to queue with the request's correlation_id. Start several servers to
 share the load. Beyond the tutorial, for production: bad requests get an error reply
-instead of killing the server, n is bounded, the work runs in a thread so that
+instead of killing the server, n is bounded, long work runs in a thread so that
 heartbeats keep flowing, a request is acked only once the broker has its reply, a
 lost node or connection is replaced, and SIGINT/SIGTERM finish the request in hand.
 """
