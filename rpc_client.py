@@ -34,7 +34,7 @@ DEFAULT_TIMEOUT = 10.0  # seconds
 # the queue; none for NO_SERVER_AFTER s means none at all (servers that lose a node come back).
 CHECK_EVERY = 0.25
 NO_SERVER_AFTER = 1.25
-BLOCKED_TIMEOUT = 30.0  # seconds a broker in a resource alarm may block a connection
+BLOCKED_TIMEOUT = 30.0  # seconds a resource alarm may block the server (a client: its timeout)
 URL_HELP = (  # both scripts'
     "broker URL, or several separated by commas for a cluster (default: $AMQP_URL, else "
     "localhost); heartbeat, TLS and retry settings go in its query string, e.g. ?heartbeat=30"
@@ -65,9 +65,9 @@ def broker_parameters(
     for url in re.split(r",(?=amqps?://)", urls.strip()):  # a comma in a query stays
         if not url.startswith(("amqp://", "amqps://")):
             raise ValueError("invalid broker URL: it must start with amqp:// or amqps://")
-        try:
+        try:  # ssl_options in the query is evaluated, and its files read, here
             node = pika.URLParameters(url)
-        except ValueError as error:
+        except (ValueError, TypeError, SyntaxError, OSError) as error:
             raise ValueError(f"invalid broker URL: {error}") from None
         # NOTE: pika waits without a bound on a connection that a broker in a
         # resource alarm blocks, unless it is given a timeout.
@@ -211,8 +211,9 @@ class FibonacciRpcClient:
         corr_id = str(uuid.uuid4())
         # expiration: a request no server took in time is dropped, not computed for nobody.
         ttl = str(max(1, math.ceil((deadline - time.monotonic()) * 1000)))
+        # message_id too: AMQP 1.0 responders reply with it as the correlation id.
         properties = pika.BasicProperties(
-            reply_to=self.callback_queue, correlation_id=corr_id, expiration=ttl
+            reply_to=self.callback_queue, correlation_id=corr_id, message_id=corr_id, expiration=ttl
         )
         self.responses[corr_id] = None
         self.channel.basic_publish("", self.queue, str(n), properties, mandatory=True)
@@ -251,7 +252,7 @@ class FibonacciRpcClient:
     def consumer_count(self) -> int:
         try:
             return self.channel.queue_declare(queue=self.queue, passive=True).method.consumer_count
-        except ChannelClosedByBroker:  # 404: the queue is gone, and the channel with it
+        except ChannelClosedByBroker:  # NOT_FOUND, most likely: the channel is gone too
             self.close()  # the next call reconnects
             raise NoServerError(f"no queue {self.queue!r}, so no RPC server consumes it") from None
 

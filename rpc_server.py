@@ -31,14 +31,16 @@ from rpc_client import DEFAULT_URL, URL_HELP, broker_parameters, connect
 
 LOGGER = logging.getLogger("rpc_server")
 
-# NOTE: declared exactly as the official tutorials of every language declare it
-# (durable, quorum), so their servers and clients share it with ours; a queue
-# declared with other arguments fails with PRECONDITION_FAILED.
+# NOTE: declared as the official tutorials now declare it (durable, quorum), so their
+# servers and clients share it with ours; a queue declared with other arguments fails
+# with PRECONDITION_FAILED.
 QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
 # fib(20000) has 4180 digits, within the 4300 that Python converts to and from
 # text by default, and takes a few milliseconds.
 MAX_N = 20_000
-BACKOFF_CAP = 5.0  # seconds between reconnection attempts, at most
+# seconds between reconnection attempts, at most; also how long a connection must last
+# for its loss to be retried at once
+BACKOFF_CAP = 5.0
 
 
 def fib(n: int) -> int:

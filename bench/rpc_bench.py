@@ -247,7 +247,7 @@ def client_processes(bench: Bench) -> None:
         calls = bench.sequential[0] * bench.sequential[1]  # each, as many as a row of one client
         args = (bench.url, queue, calls, manager.Barrier(bench.clients))
         runs = pool.starmap(client_process, [args] * bench.clients)
-    counts, seconds, cpu, latencies = zip(*map(astuple, runs))
+    counts, seconds, cpu, latencies = zip(*map(astuple, runs), strict=True)
     run = Run(sum(counts), max(seconds), sum(cpu), [x for each in latencies for x in each])
     label = f"{bench.clients} client processes, 2 servers"
     bench.add(label, run, "sequential fib(30), this pair", "one client")

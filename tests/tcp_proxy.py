@@ -69,7 +69,7 @@ class TcpProxy:
         while not self.closed.is_set():
             try:
                 downstream, _ = self.listener.accept()
-            except socket.timeout:  # TimeoutError from Python 3.10
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -92,7 +92,7 @@ def test_quick_run_gives_a_row_for_every_workload(quick_run: tuple) -> None:
     header, *lines = done.stdout.splitlines()
     assert header.split()[:2] == ["workload", "calls/s"]
     assert len(lines) == len(rows)
-    for line, row in zip(lines, rows):
+    for line, row in zip(lines, rows, strict=True):
         assert line.startswith(row["workload"]) and f" {row['calls_per_s']} " in line, line
     assert "Traceback" not in done.stderr
 

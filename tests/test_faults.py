@@ -248,7 +248,7 @@ def test_server_backs_off_with_jitter_up_to_a_cap_when_every_node_fails(
         # jitter: between half and all of it; the log rounds to 0.1 s
         assert base / 2 - 0.05 <= delay <= base + 0.05, f"attempt {attempt}: {delays}"
     bases = [min(5.0, 0.1 * 2**attempt) for attempt in range(len(delays))]
-    assert any(abs(delay - base) > 0.1 for delay, base in zip(delays, bases)), (
+    assert any(abs(delay - base) > 0.1 for delay, base in zip(delays, bases, strict=True)), (
         f"no jitter: {delays}"
     )
     corr_id = requester.send(b"30")
@@ -277,6 +277,7 @@ def foreign_headers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pika.data, "encode_value", encode)
 
 
+@pytest.mark.disruptive  # a policy on the broker, for the test's queue alone
 @pytest.mark.local_rabbitmq
 def test_a_message_pika_cannot_decode_is_dropped_by_the_delivery_limit(
     start_server, rabbitmqctl, requester: Requester, rpc_queue: str, broker, foreign_headers

@@ -301,6 +301,28 @@ def test_other_requesters_get_their_reply(
     assert got == [(expected_id, b"832040")]
 
 
+def test_a_responder_that_answers_by_message_id_serves_our_client(
+    client, broker, rpc_queue: str
+) -> None:
+    # As RabbitMQ 4's AMQP 1.0 Responder does: the reply's correlation id is the
+    # request's message_id.
+    broker.queue_declare(queue=rpc_queue, durable=True, arguments=rpc_server.QUEUE_ARGUMENTS)
+
+    def respond(ch, method, props, body: bytes) -> None:
+        answer = str(rpc_server.fib(int(body))).encode()
+        reply = pika.BasicProperties(correlation_id=props.message_id)
+        ch.basic_publish(exchange="", routing_key=props.reply_to, properties=reply, body=answer)
+        ch.basic_ack(delivery_tag=method.delivery_tag)
+
+    broker.basic_consume(queue=rpc_queue, on_message_callback=respond)
+    results: list[int] = []
+    caller = threading.Thread(target=lambda: results.append(client.call(30)))
+    caller.start()
+    wait_until(lambda: broker.connection.process_data_events(0.1) or results, 20, "an answer")
+    caller.join()
+    assert results == [832040]
+
+
 def test_client_defaults_to_amqp_url_and_rpc_queue(
     start_server, amqp_url: str, monkeypatch
 ) -> None:

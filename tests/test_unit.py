@@ -27,6 +27,16 @@ def test_fib_of_the_default_bound_fits_pythons_int_text_limit() -> None:
     assert rpc_server.fib(rpc_server.MAX_N) == rpc_server.fib(19999) + rpc_server.fib(19998)
 
 
+def test_a_failed_computation_is_an_error_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert rpc_server.answer(30) == (None, b"832040")
+
+    def out_of_memory(n: int) -> int:
+        raise MemoryError
+
+    monkeypatch.setattr(rpc_server, "fib", out_of_memory)
+    assert rpc_server.answer(30) == ("error", b"server error: MemoryError")
+
+
 @pytest.mark.parametrize(
     ("body", "expected"), [(b"30", 30), (b" 30\n", 30), (b"0", 0), (b"007", 7), (b"20000", 20000)]
 )
@@ -117,6 +127,8 @@ BAD_URLS = [
     ("localhost", "must start with amqp:// or amqps://"),
     ("amqp://guest:s3cret-pw@localhost:notaport/", "invalid broker URL: Port could not be cast"),
     ("amqp://guest:s3cret-pw@localhost/?heartbeat=soon", "invalid broker URL: Invalid heartbeat"),
+    ("amqps://guest:s3cret-pw@localhost/?ssl_options=%7B%7D", "invalid broker URL: cafile"),
+    ("amqps://guest:s3cret-pw@localhost/?ssl_options=%7B", "invalid broker URL: '{' was never"),
 ]
 SERVER_BAD_ARGS = [
     (["--prefetch", "0"], "--prefetch must be at least 1"),
