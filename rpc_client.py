@@ -167,12 +167,18 @@ class FibonacciRpcClient:
         results: list[int] = []
         todo = deque(ns)
         in_flight: deque[tuple[int, str, float]] = deque()  # (n, corr_id, deadline), oldest first
-        attempt = 0
+        attempt, again = 0, False
         with self.lock:
             try:
                 self.reconnect_if_closed()
                 while todo or in_flight:
                     try:
+                        if again:  # on a new connection, the requests in flight
+                            self.connect()
+                            in_flight = deque(
+                                (n, self.send(n, end), end) for n, _, end in in_flight
+                            )
+                            again = False
                         while todo and len(in_flight) < window:
                             deadline = time.monotonic() + timeout
                             in_flight.append(
@@ -180,19 +186,17 @@ class FibonacciRpcClient:
                             )
                         results.append(self.wait(*in_flight[0][1:]))
                         in_flight.popleft()
-                        continue
                     # NOTE: a lost connection took its callback queue; a nack (a channel opened as
                     # the queue's leader died refuses all) took no request. Either way, those in
-                    # flight go again on a new connection; retries count those that may have run.
+                    # flight go again; retries count only those that may have reached a server.
                     except AMQPConnectionError as error:
                         if attempt == self.retries:
                             raise RpcConnectionError(f"connection lost: {error!r}") from None
-                        attempt += 1
+                        attempt, again = attempt + 1, True
                         LOGGER.warning("connection lost during a call (%r); sending again", error)
                     except NackError:
+                        again = True
                         LOGGER.warning("the broker refused a request; sending again")
-                    self.connect()
-                    in_flight = deque((n, self.send(n, end), end) for n, _, end in in_flight)
             finally:
                 self.responses.clear()  # replies still to come are strays now
         return results
