@@ -13,6 +13,7 @@ of its own (alarm1@localhost, port 5685), so that it disturbs nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -287,18 +288,28 @@ def test_the_queue_leader_killed_under_load_every_call_answered(
     check(f"queue leader {killed[0]} killed", summaries, servers)
 
 
-def test_the_client_node_killed_calls_go_on(
-    cluster: list[Node], queue: str, start_servers, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The client's node leads the queue too: the client reconnects as the leader dies."""
+@contextlib.contextmanager
+def client_on_the_leader(
+    cluster: list[Node], queue: str, start_servers
+) -> Iterator[tuple[rpc_client.FibonacciRpcClient, Node, str]]:
+    """A client, its node made the queue's leader, two servers on the queue; and the
+    client's connection name, to find its node again."""
     name = f"cluster test {uuid.uuid4().hex}"
-    caplog.set_level(logging.INFO, logger="rpc_client")
     with rpc_client.FibonacciRpcClient(
         cluster_url(cluster, name), timeout=10, queue=queue, retries=1
     ) as client:
         node = node_of(cluster, name)
         declare(cluster, queue, on=node)
         start_servers(2)
+        yield client, node, name
+
+
+def test_the_client_node_killed_calls_go_on(
+    cluster: list[Node], queue: str, start_servers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client's node leads the queue too: the client reconnects as the leader dies."""
+    caplog.set_level(logging.INFO, logger="rpc_client")
+    with client_on_the_leader(cluster, queue, start_servers) as (client, node, name):
         assert client.call(30) == 832040
         killer = threading.Timer(1, node.kill)
         killer.start()
@@ -324,14 +335,8 @@ def test_call_many_across_the_loss_of_the_client_node(
     cluster: list[Node], queue: str, start_servers, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The client's node leads the queue too, as in the test above."""
-    name = f"cluster test {uuid.uuid4().hex}"
     ns = [i % len(ANSWERS) for i in range(4000)]
-    with rpc_client.FibonacciRpcClient(
-        cluster_url(cluster, name), timeout=10, queue=queue, retries=1
-    ) as client:
-        node = node_of(cluster, name)
-        declare(cluster, queue, on=node)
-        start_servers(2)
+    with client_on_the_leader(cluster, queue, start_servers) as (client, node, _):
         assert client.call(0) == 0
         killer = threading.Timer(0.5, node.kill)
         killer.start()
