@@ -46,7 +46,7 @@ class RpcError(Exception):
 
 
 class RpcConnectionError(ConnectionError):
-    """The broker could not be reached, or the connection was lost."""
+    """The broker could not be reached, the connection was lost, or requests were refused."""
 
 
 class NoServerError(RpcConnectionError):
@@ -167,7 +167,7 @@ class FibonacciRpcClient:
         results: list[int] = []
         todo = deque(ns)
         in_flight: deque[tuple[int, str, float]] = deque()  # (n, corr_id, deadline), oldest first
-        attempt, again = 0, False
+        attempt, again, refused = 0, False, False
         with self.lock:
             try:
                 self.reconnect_if_closed()
@@ -195,7 +195,11 @@ class FibonacciRpcClient:
                         attempt, again = attempt + 1, True
                         LOGGER.warning("connection lost during a call (%r); sending again", error)
                     except NackError:
-                        again = True
+                        if refused:  # on a new connection too: a full queue, say
+                            raise RpcConnectionError(
+                                f"the broker refused the request twice: is {self.queue!r} full?"
+                            ) from None
+                        again = refused = True
                         LOGGER.warning("the broker refused a request; sending again")
             finally:
                 self.responses.clear()  # replies still to come are strays now

@@ -116,9 +116,9 @@ def serve(
                 "", props.reply_to, body, pika.BasicProperties(correlation_id=corr_id, type=kind)
             )
             channel.basic_ack(delivery_tag=delivery_tag)
-        except NackError:
-            LOGGER.warning("the broker refused a reply; its request goes back to the queue")
-            channel.basic_nack(delivery_tag=delivery_tag)
+        except NackError:  # NOTE: sent again, it would be refused again: a full reply queue, say
+            LOGGER.warning("the broker refused the reply to %r; its request is dropped", corr_id)
+            channel.basic_nack(delivery_tag=delivery_tag, requeue=False)
         in_hand.discard(delivery_tag)
 
     def work(delivery_tag: int, props: pika.BasicProperties, n: int) -> None:

@@ -148,6 +148,30 @@ def test_timeout_raises_one_line_and_the_request_carries_expiration(
     silent.connection.close()
 
 
+# What a full queue with overflow reject-publish does: the broker refuses (nacks) each message.
+FULL = {"x-max-length": 0, "x-overflow": "reject-publish"}
+
+
+def test_a_request_refused_twice_is_a_connection_error(client, broker, rpc_queue: str) -> None:
+    broker.queue_declare(queue=rpc_queue, arguments=FULL)
+    broker.basic_consume(queue=rpc_queue, on_message_callback=print)  # a server, for the check
+    # timeout=60: the refusal, not the timeout, ends the call
+    with pytest.raises(rpc_client.RpcConnectionError, match="refused the request twice: is '"):
+        client.call(30, timeout=60)
+
+
+def test_a_refused_reply_drops_its_request(start_server, broker, rpc_queue: str) -> None:
+    server = start_server()
+    full = broker.queue_declare(queue="", exclusive=True, arguments=FULL).method.queue
+    asking = pika.BasicProperties(reply_to=full, correlation_id="refused")
+    broker.basic_publish(exchange="", routing_key=rpc_queue, properties=asking, body=b"7")
+    assert request(broker, rpc_queue, b"10")[1] == b"55"  # the server went on
+    wait_until(lambda: " [.] fib(10)" in server.stdout, 10, "the server's line for fib(10)")
+    assert server.stdout.count(" [.] fib(7)") == 1  # computed once: not sent back to the queue
+    refusal = "refused the reply to 'refused'"
+    wait_until(lambda: any(refusal in line for line in server.stderr), 10, "the log line")
+
+
 def test_stray_and_duplicate_replies_are_ignored(start_server, broker, client, monkeypatch) -> None:
     start_server()
     sent: list[str] = []
