@@ -46,7 +46,7 @@ class RpcError(Exception):
 
 
 class RpcConnectionError(ConnectionError):
-    """The broker could not be reached, the connection was lost, or requests were refused."""
+    """The broker could not be reached, or the connection was lost."""
 
 
 class NoServerError(RpcConnectionError):
@@ -153,8 +153,7 @@ class FibonacciRpcClient:
             LOGGER.debug("dropped a reply with correlation_id %r", props.correlation_id)
 
     def call(self, n: int, timeout: float | None = None) -> int:
-        """fib(n) from a server; raises RpcError, RpcTimeoutError, NoServerError (an
-        RpcConnectionError) or RpcConnectionError, as the README's table says."""
+        """fib(n) from a server; raises RpcError, RpcTimeoutError or RpcConnectionError."""
         return self.call_many([n], window=1, timeout=timeout)[0]
 
     def call_many(
@@ -167,8 +166,9 @@ class FibonacciRpcClient:
         results: list[int] = []
         todo = deque(ns)
         in_flight: deque[tuple[int, str, float]] = deque()  # (n, corr_id, deadline), oldest first
-        attempt, again, refused = 0, False, False
+        attempt, again = 0, False
         with self.lock:
+            self.refused = False  # until the broker refuses (nacks) a request of this call
             try:
                 self.reconnect_if_closed()
                 while todo or in_flight:
@@ -195,11 +195,7 @@ class FibonacciRpcClient:
                         attempt, again = attempt + 1, True
                         LOGGER.warning("connection lost during a call (%r); sending again", error)
                     except NackError:
-                        if refused:  # on a new connection too: a full queue, say
-                            raise RpcConnectionError(
-                                f"the broker refused the request twice: is {self.queue!r} full?"
-                            ) from None
-                        again = refused = True
+                        again = self.refused = True
                         LOGGER.warning("the broker refused a request; sending again")
             finally:
                 self.responses.clear()  # replies still to come are strays now
@@ -235,6 +231,7 @@ class FibonacciRpcClient:
             now = time.monotonic()
             if now >= deadline:
                 why = f"; the broker blocks this connection: {self.blocked}" if self.blocked else ""
+                why += "; the broker refused it (is the queue full?)" if self.refused else ""
                 raise RpcTimeoutError(f"no reply from {self.queue!r} within the timeout{why}")
             if self.nacked:
                 raise NackError([])

@@ -7,8 +7,8 @@ anyone) is started again with its data, and the queue's three members are back,
 before the next test. Servers and load clients are real processes given all three
 URLs, which each shuffles. The promise under test: no call lost, none answered
 wrongly, none later than its timeout (RpcTimeoutError would say so), and no
-NoServerError while servers reconnect. The memory alarm is raised on a single node
-of its own (alarm1@localhost, port 5685), so that it disturbs nothing else.
+NoServerError while servers reconnect. The memory and disk alarms are raised on a
+single node of its own (alarm1@localhost, port 5685), so that they disturb nothing else.
 """
 
 from __future__ import annotations
@@ -365,8 +365,20 @@ def alarm_node() -> Iterator[Node]:
         node.remove()
 
 
-def test_memory_alarm_client_fails_naming_it_and_server_lives_through_it(
-    alarm_node: Node,
+@pytest.mark.parametrize(
+    ("alarm", "cleared", "reason"),
+    [
+        (
+            ["set_vm_memory_high_watermark", "0.00001"],
+            ["set_vm_memory_high_watermark", "0.4"],
+            "memory",
+        ),
+        (["set_disk_free_limit", "1000000GB"], ["set_disk_free_limit", "50MB"], "disk"),
+    ],
+    ids=["memory", "disk"],
+)
+def test_an_alarm_ends_a_call_naming_it_and_the_server_lives_through_it(
+    alarm_node: Node, alarm: list[str], cleared: list[str], reason: str
 ) -> None:
     queue = f"rpc_alarm_{uuid.uuid4().hex}"
     env = {**os.environ, "AMQP_URL": alarm_node.url, "PYTHONUNBUFFERED": "1"}
@@ -376,19 +388,19 @@ def test_memory_alarm_client_fails_naming_it_and_server_lives_through_it(
         args = ("--url", alarm_node.url, "--queue", queue)
         assert run_script("rpc_client.py", *args, "30").stdout.endswith(" [.] Got 832040\n")
         try:
-            alarm_node.ctl("set_vm_memory_high_watermark", "0.00001")
+            alarm_node.ctl(*alarm)
             wait_until(
                 lambda: json.loads(alarm_node.ctl("status", "--formatter", "json"))["alarms"],
                 30,
-                "a memory alarm",
+                f"a {reason} alarm",
             )
             done = run_script("rpc_client.py", *args, "--timeout", "2", "30", timeout=30)
         finally:
-            alarm_node.ctl("set_vm_memory_high_watermark", "0.4")
+            alarm_node.ctl(*cleared)
         print(f"\nduring the alarm the client said: {done.stderr.strip()}")
         assert done.returncode == 1
         assert len(done.stderr.splitlines()) == 1
-        assert "low on memory" in done.stderr
+        assert f"the broker blocks this connection: low on {reason}" in done.stderr
         assert server.process.poll() is None
         wait_until(
             lambda: not json.loads(alarm_node.ctl("status", "--formatter", "json"))["alarms"],
