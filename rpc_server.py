@@ -124,9 +124,11 @@ def serve(
     def work(delivery_tag: int, props: pika.BasicProperties, n: int) -> None:
         # NOTE: pika is not thread-safe: the reply and the ack are handed back to
         # the connection's own thread.
-        connection.add_callback_threadsafe(
-            functools.partial(reply, delivery_tag, props, *answer(n))
-        )
+        done = functools.partial(reply, delivery_tag, props, *answer(n))
+        try:
+            connection.add_callback_threadsafe(done)
+        except AMQPConnectionError:  # lost meanwhile: the request is redelivered
+            LOGGER.info("fib(%d) finished on a lost connection; another will answer it", n)
 
     def on_request(
         ch: BlockingChannel, method: Basic.Deliver, props: pika.BasicProperties, body: bytes
@@ -179,11 +181,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Answer fib(n) requests from a RabbitMQ queue: the RPC server of tutorial 6.",
     )
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("AMQP_URL") or DEFAULT_URL,
-        help=URL_HELP,
-    )
+    parser.add_argument("--url", default=os.environ.get("AMQP_URL") or DEFAULT_URL, help=URL_HELP)
     parser.add_argument(
         "--queue", default="rpc_queue", help="queue to consume (default: %(default)s)"
     )
