@@ -125,7 +125,7 @@ class FibonacciRpcClient:
         # NOTE: publisher confirms, for the nack of a request the broker did not take, on the
         # channel underneath: BlockingChannel.confirm_delivery() would wait for each in turn.
         self.channel._impl.confirm_delivery(ack_nack_callback=self.on_confirm)
-        self.nacked = False
+        self.nacked = self.cancelled = False
         # mandatory: a request that no queue takes comes back, to on_response.
         self.channel.add_on_return_callback(self.on_response)
         # Server-named and exclusive: ours alone, and deleted when we disconnect.
@@ -136,9 +136,15 @@ class FibonacciRpcClient:
         self.channel.basic_consume(
             queue=self.callback_queue, on_message_callback=self.on_response, auto_ack=True
         )
+        # NOTE: a deleted callback queue (an operator's doing) cancels our consumer, and
+        # no reply could come: as for a lost connection, the calls in flight go again.
+        self.channel.add_on_cancel_callback(self.on_cancel)
 
     def on_blocked(self, connection: object, frame: pika.frame.Method) -> None:
         self.blocked = getattr(frame.method, "reason", None)  # Unblocked has none
+
+    def on_cancel(self, frame: pika.frame.Method) -> None:
+        self.cancelled = True
 
     def on_confirm(self, frame: pika.frame.Method) -> None:
         self.nacked = self.nacked or isinstance(frame.method, Basic.Nack)
@@ -205,7 +211,9 @@ class FibonacciRpcClient:
         """Reconnect, costing no retry, if the broker closed the connection while idle."""
         try:
             if self.connection is not None and self.channel.is_open:
-                return self.connection.process_data_events(0)  # learns of a close
+                self.connection.process_data_events(0)  # learns of a close, or a cancel
+                if not self.cancelled:
+                    return
         except AMQPConnectionError:
             pass
         self.connect()
@@ -235,6 +243,8 @@ class FibonacciRpcClient:
                 raise RpcTimeoutError(f"no reply from {self.queue!r} within the timeout{why}")
             if self.nacked:
                 raise NackError([])
+            if self.cancelled:
+                raise AMQPConnectionError("the broker cancelled the consumer of our callback queue")
             # NOTE: no question to a broker that blocks us: it would not answer.
             if now >= check_at and not self.blocked:
                 check_at = now + CHECK_EVERY

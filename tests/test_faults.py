@@ -66,6 +66,14 @@ def through(url: str, proxy: TcpProxy) -> str:
     return urlunsplit(parts._replace(netloc=f"{credentials}@{address}" if credentials else address))
 
 
+def catch(function: Callable[..., object], *args: object) -> object:
+    """function(*args), or the exception it raised."""
+    try:
+        return function(*args)
+    except Exception as error:  # returned: the test checks which
+        return error
+
+
 def reconnect_delays(server: Any) -> list[float]:
     """The delays the server announced before its reconnection attempts, in order."""
     return [
@@ -448,6 +456,30 @@ def test_an_idle_client_whose_connection_the_broker_closed_reconnects_at_no_cost
         time.sleep(4 * heartbeat)  # no I/O at all: no heartbeats from us
         assert client.call(30) == 832040  # retries=0, yet no RpcConnectionError
         assert client.connection is not idle  # it was closed, and replaced before sending
+
+
+@pytest.mark.local_rabbitmq
+def test_a_deleted_callback_queue_is_a_lost_connection_and_the_next_call_reconnects(
+    start_server, amqp_url: str, rpc_queue: str, rabbitmqctl
+) -> None:
+    server = start_server("--max-n", "600000")
+    with rpc_client.FibonacciRpcClient(amqp_url, timeout=30, queue=rpc_queue, retries=0) as client:
+        outcome: list[object] = []
+        caller = threading.Thread(target=lambda: outcome.append(catch(client.call, 600000)))
+        caller.start()
+        server.wait_for(" [.] fib(600000)")
+        rabbitmqctl("delete_queue", client.callback_queue)  # as an operator might
+        caller.join(30)
+        [error] = outcome
+        assert isinstance(error, rpc_client.RpcConnectionError)
+        assert "cancelled the consumer of our callback queue" in str(error)
+        assert client.call(30) == 832040  # on a new connection, at no cost (retries=0)
+        # Deleted while the client is idle: the next call reconnects before sending.
+        rabbitmqctl("delete_queue", client.callback_queue)
+        wait_until(
+            lambda: client.connection.process_data_events(0) or client.cancelled, 10, "the cancel"
+        )
+        assert client.call(10) == 55
 
 
 def test_a_long_computation_does_not_cost_the_server_its_connection(
