@@ -30,6 +30,7 @@ LOGGER = logging.getLogger("rpc_client")
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_TIMEOUT = 10.0  # seconds
+MAX_TIMEOUT = 315_360_000  # seconds, ten years: the longest expiration RabbitMQ takes
 # NOTE: while a reply is late, the client asks every CHECK_EVERY s whether a server consumes
 # the queue; none for NO_SERVER_AFTER s means none at all (servers that lose a node come back).
 CHECK_EVERY = 0.25
@@ -92,6 +93,15 @@ def connect(nodes: list[pika.URLParameters]) -> pika.BlockingConnection:
     raise RpcConnectionError("cannot connect to the broker at " + "; ".join(errors))
 
 
+def checked(timeout: float) -> float:
+    """timeout, if a request can expire after it; raise ValueError otherwise."""
+    if not 0 < timeout <= MAX_TIMEOUT:  # nan is neither
+        raise ValueError(
+            f"timeout must be a positive number of seconds, ten years at most, got {timeout}"
+        )
+    return timeout
+
+
 class FibonacciRpcClient:
     def __init__(
         self,
@@ -100,12 +110,10 @@ class FibonacciRpcClient:
         queue: str = "rpc_queue",
         retries: int = 1,
     ) -> None:
-        if not 0 < timeout < math.inf:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+        self.timeout = checked(timeout)
         # A connection blocked by a resource alarm is dropped when a call would time out.
         url = url or os.environ.get("AMQP_URL") or DEFAULT_URL
         self.nodes = broker_parameters(url, "rpc_client", blocked=timeout)
-        self.timeout = timeout
         self.queue = queue
         self.retries = retries  # calls sent again after a lost connection; fib is idempotent
         # NOTE: pika's connection is not thread-safe: threads sharing a client take turns.
@@ -168,7 +176,7 @@ class FibonacciRpcClient:
         """[fib(n) for n in ns], window requests in flight at once; raises as call() would."""
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
-        timeout = timeout or self.timeout
+        timeout = checked(timeout or self.timeout)
         results: list[int] = []
         todo = deque(ns)
         in_flight: deque[tuple[int, str, float]] = deque()  # (n, corr_id, deadline), oldest first

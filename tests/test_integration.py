@@ -222,6 +222,14 @@ def test_call_many_raises_the_first_failure_in_the_order_of_ns(start_server, cli
     assert client.call_many([50, 3]) == [12586269025, 2]  # the late replies were dropped
 
 
+@pytest.mark.parametrize("timeout", [-1, float("nan"), float("inf"), 315_360_001])
+def test_a_call_refuses_a_timeout_its_request_cannot_expire_by(client, timeout: float) -> None:
+    # The broker takes an expiration of ten years at most: past it, it closes the channel.
+    with pytest.raises(ValueError, match=r"^timeout must be a positive number of seconds"):
+        client.call(30, timeout=timeout)
+    assert client.responses == {}  # nothing sent
+
+
 @pytest.mark.parametrize("window", [0, -1])
 def test_call_many_refuses_a_window_below_1(client, window: int) -> None:
     with pytest.raises(ValueError, match="window must be at least 1"):

@@ -141,7 +141,10 @@ CLIENT_BAD_ARGS = [
     (["abc"], "argument n: invalid int value"),
     (["1.5"], "argument n: invalid int value"),
     (["--timeout", "soon"], "argument --timeout: invalid float value"),
-    *((["--timeout", t], "timeout must be a positive number") for t in ("0", "-1", "nan", "inf")),
+    *(
+        (["--timeout", t], "timeout must be a positive number")
+        for t in ("0", "-1", "nan", "inf", "315360001")
+    ),
     *((["--url", url], message) for url, message in BAD_URLS),
 ]
 
