@@ -201,8 +201,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "-v", "--verbose", action="store_true", help="log debug detail, pika's included"
     )
     args = parser.parse_args(argv)
-    if args.prefetch < 1:
-        parser.error(f"--prefetch must be at least 1, got {args.prefetch}")
+    if not 1 <= args.prefetch <= 65535:  # AMQP carries it in 16 bits
+        parser.error(f"--prefetch must be from 1 to 65535, got {args.prefetch}")
     if args.max_n < 0:
         parser.error(f"--max-n must be at least 0, got {args.max_n}")
     try:

@@ -131,7 +131,8 @@ BAD_URLS = [
     ("amqps://guest:s3cret-pw@localhost/?ssl_options=%7B", "invalid broker URL: '{' was never"),
 ]
 SERVER_BAD_ARGS = [
-    (["--prefetch", "0"], "--prefetch must be at least 1"),
+    (["--prefetch", "0"], "--prefetch must be from 1 to 65535"),
+    (["--prefetch", "65536"], "--prefetch must be from 1 to 65535"),
     (["--max-n", "-1"], "--max-n must be at least 0"),
     (["--prefetch", "x"], "argument --prefetch: invalid int value"),
     (["--quiet", "--verbose"], "not allowed with argument"),
