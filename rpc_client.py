@@ -114,6 +114,8 @@ class FibonacciRpcClient:
         # A connection blocked by a resource alarm is dropped when a call would time out.
         url = url or os.environ.get("AMQP_URL") or DEFAULT_URL
         self.nodes = broker_parameters(url, "rpc_client", blocked=timeout)
+        if len(queue.encode()) > 255:  # AMQP carries it in a short string
+            raise ValueError(f"queue must be at most 255 bytes, got {len(queue.encode())}")
         self.queue = queue
         self.retries = retries  # calls sent again after a lost connection; fib is idempotent
         # NOTE: pika's connection is not thread-safe: threads sharing a client take turns.
@@ -316,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f" [x] Requesting fib({n})", flush=True)
                 response = fibonacci_rpc.call(n)
                 print(f" [.] Got {response}", flush=True)
-    except ValueError as error:  # the URL or the timeout
+    except ValueError as error:  # the URL, the timeout or the queue
         parser.error(str(error))
     # AMQPChannelError: the broker refused something, a permission this account lacks, say.
     except (RpcError, ConnectionError, TimeoutError, AMQPChannelError) as error:

@@ -197,12 +197,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     volume = parser.add_mutually_exclusive_group()
     volume.add_argument("-q", "--quiet", action="store_true", help="print no [.] line per request")
-    volume.add_argument(
-        "-v", "--verbose", action="store_true", help="log debug detail, pika's included"
-    )
+    volume.add_argument("-v", "--verbose", action="store_true", help="log debug detail, pika's too")
     args = parser.parse_args(argv)
     if not 1 <= args.prefetch <= 65535:  # AMQP carries it in 16 bits
         parser.error(f"--prefetch must be from 1 to 65535, got {args.prefetch}")
+    if len(args.queue.encode()) > 255:  # AMQP carries it in a short string
+        parser.error(f"--queue must be at most 255 bytes, got {len(args.queue.encode())}")
     if args.max_n < 0:
         parser.error(f"--max-n must be at least 0, got {args.max_n}")
     try:

@@ -134,6 +134,7 @@ SERVER_BAD_ARGS = [
     (["--prefetch", "0"], "--prefetch must be from 1 to 65535"),
     (["--prefetch", "65536"], "--prefetch must be from 1 to 65535"),
     (["--max-n", "-1"], "--max-n must be at least 0"),
+    (["--queue", "q" * 256], "--queue must be at most 255 bytes, got 256"),
     (["--prefetch", "x"], "argument --prefetch: invalid int value"),
     (["--quiet", "--verbose"], "not allowed with argument"),
     *((["--url", url], message) for url, message in BAD_URLS),
@@ -142,6 +143,7 @@ CLIENT_BAD_ARGS = [
     (["abc"], "argument n: invalid int value"),
     (["1.5"], "argument n: invalid int value"),
     (["--timeout", "soon"], "argument --timeout: invalid float value"),
+    (["--queue", "é" * 128], "queue must be at most 255 bytes, got 256"),
     *(
         (["--timeout", t], "timeout must be a positive number")
         for t in ("0", "-1", "nan", "inf", "315360001")
