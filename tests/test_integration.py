@@ -156,7 +156,7 @@ def test_a_refused_request_is_sent_again_and_the_timeout_names_the_refusal(
     client, broker, rpc_queue: str, caplog
 ) -> None:
     broker.queue_declare(queue=rpc_queue, arguments=FULL)
-    broker.basic_consume(queue=rpc_queue, on_message_callback=print)  # a server, for the check
+    broker.basic_consume(queue=rpc_queue, on_message_callback=lambda *delivery: None)  # a "server"
     with pytest.raises(rpc_client.RpcTimeoutError, match=r"; the broker refused it \(is the queue"):
         client.call(30, timeout=1)
     assert "the broker refused a request; sending again" in caplog.text
