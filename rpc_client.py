@@ -68,6 +68,7 @@ def broker_parameters(
             raise ValueError("invalid broker URL: it must start with amqp:// or amqps://")
         try:  # ssl_options in the query is evaluated, and its files read, here
             node = pika.URLParameters(url)
+            node.host.encode("idna")  # as the socket will need it: "a..b" is no host
         except (ValueError, TypeError, SyntaxError, OSError) as error:
             raise ValueError(f"invalid broker URL: {error}") from None
         # NOTE: pika waits without a bound on a connection that a broker in a
@@ -178,7 +179,7 @@ class FibonacciRpcClient:
         """[fib(n) for n in ns], window requests in flight at once; raises as call() would."""
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
-        timeout = checked(timeout or self.timeout)
+        timeout = checked(self.timeout if timeout is None else timeout)
         results: list[int] = []
         todo = deque(ns)
         in_flight: deque[tuple[int, str, float]] = deque()  # (n, corr_id, deadline), oldest first

@@ -125,6 +125,7 @@ def test_help_exits_zero_and_explains(script, capsys: pytest.CaptureFixture[str]
 BAD_URLS = [
     ("not a url", "must start with amqp:// or amqps://"),
     ("localhost", "must start with amqp:// or amqps://"),
+    ("amqp://guest:s3cret-pw@a..b/", "invalid broker URL: encoding with 'idna' codec failed"),
     ("amqp://guest:s3cret-pw@localhost:notaport/", "invalid broker URL: Port could not be cast"),
     ("amqp://guest:s3cret-pw@localhost/?heartbeat=soon", "invalid broker URL: Invalid heartbeat"),
     ("amqps://guest:s3cret-pw@localhost/?ssl_options=%7B%7D", "invalid broker URL: cafile"),
