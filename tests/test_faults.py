@@ -111,7 +111,7 @@ class Requester:
             exchange="",
             routing_key=self.queue,
             properties=pika.BasicProperties(
-                reply_to=self.reply_queue, correlation_id=corr_id, **props
+                **{"reply_to": self.reply_queue, "correlation_id": corr_id, **props}
             ),
             body=body,
         )
@@ -291,8 +291,16 @@ def foreign_headers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.disruptive  # a policy on the broker, for the test's queue alone
 @pytest.mark.local_rabbitmq
-def test_a_message_pika_cannot_decode_is_dropped_by_the_delivery_limit(
-    start_server, rabbitmqctl, requester: Requester, rpc_queue: str, broker, foreign_headers
+@pytest.mark.parametrize(
+    "poison",
+    [
+        {"headers": {"t": Foreign(b"T" + b"\xff" * 8)}},  # a timestamp past the year 9999
+        {"reply_to": "amq.rabbitmq.reply-to.abc.def"},  # forged: RabbitMQ 3.10 answers with 541
+    ],
+    ids=["a-header-pika-cannot-decode", "a-forged-direct-reply-to"],
+)
+def test_a_request_that_costs_the_connection_is_dropped_by_the_delivery_limit(
+    start_server, rabbitmqctl, requester: Requester, rpc_queue: str, broker, foreign_headers, poison
 ) -> None:
     # What the README tells operators of RabbitMQ 3.x to set (RabbitMQ 4 has it by default).
     policy = f"{rpc_queue}-limit"
@@ -301,11 +309,11 @@ def test_a_message_pika_cannot_decode_is_dropped_by_the_delivery_limit(
     )
     try:
         server = start_server()
-        poison = requester.send(b"30", headers={"t": Foreign(b"T" + b"\xff" * 8)})  # year > 9999
+        poisoned = requester.send(b"30", **poison)
         after = requester.send(b"10")
         requester.wait([after], timeout=60)
         assert requester.replies[after][0][1] == b"55"
-        assert poison not in requester.replies  # dropped by the broker, unanswered
+        assert poisoned not in requester.replies  # dropped by the broker, unanswered
         losses = sum("connection lost" in line for line in server.stderr)
         assert losses == 4, server.stderr  # the first delivery and three redeliveries
         assert len(reconnect_delays(server)) == 4  # backed off: no tight loop
