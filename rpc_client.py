@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Sequence
 
 import pika
-from pika.exceptions import AMQPChannelError, AMQPConnectionError, ChannelClosedByBroker, NackError
+from pika.exceptions import AMQPChannelError, AMQPConnectionError, NackError
 from pika.spec import Basic
 
 LOGGER = logging.getLogger("rpc_client")
@@ -150,12 +150,20 @@ class FibonacciRpcClient:
         # NOTE: a deleted callback queue (an operator's doing) cancels our consumer, and
         # no reply could come: as for a lost connection, the calls in flight go again.
         self.channel.add_on_cancel_callback(self.on_cancel)
+        self.channel._impl.add_on_close_callback(self.on_channel_closed)  # to learn why
 
     def on_blocked(self, connection: object, frame: pika.frame.Method) -> None:
         self.blocked = getattr(frame.method, "reason", None)  # Unblocked has none
 
     def on_cancel(self, frame: pika.frame.Method) -> None:
         self.cancelled = True
+
+    def on_channel_closed(self, channel: object, reason: Exception) -> None:
+        self.closed_by = reason  # NOT_FOUND for wait()'s question, say
+
+    def on_consumer_count(self, frame: pika.frame.Method) -> None:  # wait()'s answer
+        count = frame.method.consumer_count
+        self.no_server_since = None if count else self.no_server_since or time.monotonic()
 
     def on_confirm(self, frame: pika.frame.Method) -> None:
         self.nacked = self.nacked or isinstance(frame.method, Basic.Nack)
@@ -245,7 +253,7 @@ class FibonacciRpcClient:
     def wait(self, corr_id: str, deadline: float) -> int:
         """Process events until corr_id's reply comes; return its answer, or raise."""
         check_at = time.monotonic() + CHECK_EVERY
-        no_server_since: float | None = None
+        self.no_server_since: float | None = None
         while self.responses[corr_id] is None:
             now = time.monotonic()
             if now >= deadline:
@@ -256,12 +264,20 @@ class FibonacciRpcClient:
                 raise NackError([])
             if self.cancelled:
                 raise AMQPConnectionError("the broker cancelled the consumer of our callback queue")
+            if not self.channel.is_open:  # the broker closed it
+                if getattr(self.closed_by, "reply_code", None) == 404:
+                    raise NoServerError(f"no queue {self.queue!r}, so no RPC server consumes it")
+                raise self.closed_by
             # NOTE: no question to a broker that blocks us: it would not answer.
             if now >= check_at and not self.blocked:
                 check_at = now + CHECK_EVERY
-                no_server_since = None if self.consumer_count() else no_server_since or now
-                if no_server_since and now - no_server_since >= NO_SERVER_AFTER:
+                if self.no_server_since and now - self.no_server_since >= NO_SERVER_AFTER:
                     raise NoServerError(f"no RPC server is consuming {self.queue!r}")
+                # NOTE: asked on the channel underneath, as BlockingChannel.queue_declare would
+                # wait for the answer, past the timeout if the network to the broker went silent.
+                self.channel._impl.queue_declare(
+                    self.queue, passive=True, callback=self.on_consumer_count
+                )
             # Blocks until an event or the time limit: no busy loop.
             limit = deadline if self.blocked else min(deadline, check_at)
             self.connection.process_data_events(time_limit=limit - now)
@@ -274,13 +290,6 @@ class FibonacciRpcClient:
             return int(body)
         except ValueError as error:
             raise RpcError(f"cannot read the reply: {error}") from None
-
-    def consumer_count(self) -> int:
-        try:
-            return self.channel.queue_declare(queue=self.queue, passive=True).method.consumer_count
-        except ChannelClosedByBroker:  # NOT_FOUND, most likely: the channel is gone too
-            self.close()  # the next call reconnects
-            raise NoServerError(f"no queue {self.queue!r}, so no RPC server consumes it") from None
 
     def close(self) -> None:
         try:  # a connection blocked by an alarm is dropped by its blocked timeout

@@ -3,6 +3,7 @@
 A process that connects through it sees its connection drop as it would when a
 network path fails: the proxy closes both sides, so the client reads end-of-stream
 and the broker sees its client vanish (and requeues what that client had not acked).
+Or the network goes silent, as in a partition: nothing passes, and nothing closes.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ class Link:
         downstream: socket.socket,
         upstream: socket.socket,
         on_closed: Callable[[Link], None],
+        silent: threading.Event,
     ) -> None:
         self.sockets = (downstream, upstream)
+        self.silent = silent
         self.on_closed = on_closed
         self.pumps_left = 2
         self.lock = threading.Lock()
@@ -30,7 +33,8 @@ class Link:
     def pump(self, source: socket.socket, target: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                target.sendall(data)
+                if not self.silent.is_set():  # else lost, as in a partition
+                    target.sendall(data)
         except OSError:
             pass  # cut, or reset by either end
         self.cut()
@@ -58,6 +62,7 @@ class TcpProxy:
         self.listener.settimeout(0.1)  # so that the accept loop notices close()
         self.port: int = self.listener.getsockname()[1]
         self.refusing = False  # when set, new connections are closed as soon as accepted
+        self.silent = threading.Event()  # when set, open connections pass nothing on
         self.accepted = 0  # connections forwarded so far
         self.links: list[Link] = []
         self.lock = threading.Lock()
@@ -83,7 +88,7 @@ class TcpProxy:
                 downstream.close()
                 continue
             upstream.settimeout(None)
-            link = Link(downstream, upstream, self._forget)
+            link = Link(downstream, upstream, self._forget, self.silent)
             with self.lock:
                 self.links.append(link)
                 self.accepted += 1

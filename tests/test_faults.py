@@ -466,6 +466,20 @@ def test_an_idle_client_whose_connection_the_broker_closed_reconnects_at_no_cost
         assert client.connection is not idle  # it was closed, and replaced before sending
 
 
+def test_a_call_over_a_network_gone_silent_ends_at_its_timeout(
+    start_server, proxies: list[TcpProxy], amqp_url: str, rpc_queue: str
+) -> None:
+    start_server()
+    proxy = proxies[0]
+    with rpc_client.FibonacciRpcClient(through(amqp_url, proxy), queue=rpc_queue) as client:
+        assert client.call(30) == 832040
+        proxy.silent.set()  # a partition: nothing passes, nothing closes
+        # Not RpcConnectionError at pika's heartbeat timeout, a minute or more later.
+        with pytest.raises(rpc_client.RpcTimeoutError, match=r"within the timeout$"):
+            client.call(30, timeout=2)
+        proxy.drop_all()  # so that close() need not wait for the heartbeat timeout
+
+
 @pytest.mark.local_rabbitmq
 def test_a_deleted_callback_queue_is_a_lost_connection_and_the_next_call_reconnects(
     start_server, amqp_url: str, rpc_queue: str, rabbitmqctl
