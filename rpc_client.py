@@ -212,14 +212,17 @@ class FibonacciRpcClient:
                         results.append(self.wait(*in_flight[0][1:]))
                         in_flight.popleft()
                     # NOTE: a lost connection took its callback queue; a nack (a channel opened as
-                    # the queue's leader died refuses all) took no request. Either way, those in
-                    # flight go again; retries count only those that may have reached a server.
+                    # the queue's leader died refuses all; a full queue, some) took a request.
+                    # Either way, those in flight go again; retries count those that may have
+                    # reached a server, so work that must not run twice (retries=0) never does.
                     except AMQPConnectionError as error:
                         if attempt == self.retries:
                             raise RpcConnectionError(f"connection lost: {error!r}") from None
                         attempt, again = attempt + 1, True
                         LOGGER.warning("connection lost during a call (%r); sending again", error)
                     except NackError:
+                        if not self.retries and len(in_flight) > 1:  # others may have been taken
+                            raise RpcConnectionError("the broker refused a request") from None
                         again = self.refused = True
                         LOGGER.warning("the broker refused a request; sending again")
             finally:

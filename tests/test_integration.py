@@ -162,6 +162,19 @@ def test_a_refused_request_is_sent_again_and_the_timeout_names_the_refusal(
     assert "the broker refused a request; sending again" in caplog.text
 
 
+def test_with_retries_0_a_refusal_sends_nothing_again_that_may_have_been_taken(
+    amqp_url: str, broker, rpc_queue: str
+) -> None:
+    broker.queue_declare(queue=rpc_queue, arguments={**FULL, "x-max-length": 1})
+    broker.basic_qos(prefetch_count=1)  # a "server" that holds the first and takes no more
+    broker.basic_consume(queue=rpc_queue, on_message_callback=lambda *delivery: None)
+    refused = pytest.raises(rpc_client.RpcConnectionError, match=r"^the broker refused a request$")
+    with rpc_client.FibonacciRpcClient(amqp_url, queue=rpc_queue, retries=0) as client, refused:
+        client.call_many([1, 2, 3, 4, 5], window=5)  # the first held, the second queued, ...
+    # ... and taken: sent again, it would have run twice.
+    assert broker.queue_declare(queue=rpc_queue, passive=True).method.message_count == 1
+
+
 def test_a_refused_reply_drops_its_request(start_server, broker, rpc_queue: str) -> None:
     server = start_server()
     full = broker.queue_declare(queue="", exclusive=True, arguments=FULL).method.queue
