@@ -211,10 +211,11 @@ class FibonacciRpcClient:
                             )
                         results.append(self.wait(*in_flight[0][1:]))
                         in_flight.popleft()
-                    # NOTE: a lost connection took its callback queue; a nack (a channel opened as
-                    # the queue's leader died refuses all; a full queue, some) took a request.
-                    # Either way, those in flight go again; retries count those that may have
-                    # reached a server, so work that must not run twice (retries=0) never does.
+                    # NOTE: a lost connection took its callback queue; a nack is a request the
+                    # broker did not take (a channel opened as the queue's leader died refuses
+                    # all, a full queue some). Either way, those in flight go again; retries
+                    # count those that may have reached a server, so that work that must not
+                    # run twice (retries=0) never does.
                     except AMQPConnectionError as error:
                         if attempt == self.retries:
                             raise RpcConnectionError(f"connection lost: {error!r}") from None
