@@ -94,7 +94,7 @@ def connect(nodes: list[pika.URLParameters]) -> pika.BlockingConnection:
     raise RpcConnectionError("cannot connect to the broker at " + "; ".join(errors))
 
 
-def checked(timeout: float) -> float:
+def checked_timeout(timeout: float) -> float:
     """timeout, if a request can expire after it; raise ValueError otherwise."""
     if not 0 < timeout <= MAX_TIMEOUT:  # nan is neither
         raise ValueError(
@@ -111,7 +111,7 @@ class FibonacciRpcClient:
         queue: str = "rpc_queue",
         retries: int = 1,
     ) -> None:
-        self.timeout = checked(timeout)
+        self.timeout = checked_timeout(timeout)
         # A connection blocked by a resource alarm is dropped when a call would time out.
         url = url or os.environ.get("AMQP_URL") or DEFAULT_URL
         self.nodes = broker_parameters(url, "rpc_client", blocked=timeout)
@@ -136,7 +136,8 @@ class FibonacciRpcClient:
         # NOTE: publisher confirms, for the nack of a request the broker did not take, on the
         # channel underneath: BlockingChannel.confirm_delivery() would wait for each in turn.
         self.channel._impl.confirm_delivery(ack_nack_callback=self.on_confirm)
-        self.nacked = self.cancelled = False
+        self.nacked = False
+        self.broken: Exception | None = None  # why the broker cancelled our consumer or channel
         # mandatory: a request that no queue takes comes back, to on_response.
         self.channel.add_on_return_callback(self.on_response)
         # Server-named and exclusive: ours alone, and deleted when we disconnect.
@@ -150,16 +151,17 @@ class FibonacciRpcClient:
         # NOTE: a deleted callback queue (an operator's doing) cancels our consumer, and
         # no reply could come: as for a lost connection, the calls in flight go again.
         self.channel.add_on_cancel_callback(self.on_cancel)
-        self.channel._impl.add_on_close_callback(self.on_channel_closed)  # to learn why
+        # On the channel underneath: BlockingChannel does not say why the broker closed it.
+        self.channel._impl.add_on_close_callback(self.on_channel_closed)
 
     def on_blocked(self, connection: object, frame: pika.frame.Method) -> None:
         self.blocked = getattr(frame.method, "reason", None)  # Unblocked has none
 
     def on_cancel(self, frame: pika.frame.Method) -> None:
-        self.cancelled = True
+        self.broken = AMQPConnectionError("the broker cancelled the consumer of our callback queue")
 
     def on_channel_closed(self, channel: object, reason: Exception) -> None:
-        self.closed_by = reason  # NOT_FOUND for wait()'s question, say
+        self.broken = reason  # NOT_FOUND for wait()'s question, say
 
     def on_consumer_count(self, frame: pika.frame.Method) -> None:  # wait()'s answer
         count = frame.method.consumer_count
@@ -187,7 +189,7 @@ class FibonacciRpcClient:
         """[fib(n) for n in ns], window requests in flight at once; raises as call() would."""
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
-        timeout = checked(self.timeout if timeout is None else timeout)
+        timeout = checked_timeout(self.timeout if timeout is None else timeout)
         results: list[int] = []
         todo = deque(ns)
         in_flight: deque[tuple[int, str, float]] = deque()  # (n, corr_id, deadline), oldest first
@@ -235,7 +237,7 @@ class FibonacciRpcClient:
         try:
             if self.connection is not None and self.channel.is_open:
                 self.connection.process_data_events(0)  # learns of a close, or a cancel
-                if not self.cancelled:
+                if not self.broken:
                     return
         except AMQPConnectionError:
             pass
@@ -266,12 +268,10 @@ class FibonacciRpcClient:
                 raise RpcTimeoutError(f"no reply from {self.queue!r} within the timeout{why}")
             if self.nacked:
                 raise NackError([])
-            if self.cancelled:
-                raise AMQPConnectionError("the broker cancelled the consumer of our callback queue")
-            if not self.channel.is_open:  # the broker closed it
-                if getattr(self.closed_by, "reply_code", None) == 404:
+            if self.broken:  # the broker cancelled our consumer, or closed the channel
+                if getattr(self.broken, "reply_code", None) == 404:
                     raise NoServerError(f"no queue {self.queue!r}, so no RPC server consumes it")
-                raise self.closed_by
+                raise self.broken
             # NOTE: no question to a broker that blocks us: it would not answer.
             if now >= check_at and not self.blocked:
                 check_at = now + CHECK_EVERY

@@ -428,14 +428,7 @@ def test_client_loses_its_connection_during_a_call(
     url = through(amqp_url, proxy)
     with rpc_client.FibonacciRpcClient(url, timeout=30, queue=rpc_queue, retries=retries) as client:
         outcome: list[object] = []
-
-        def call() -> None:
-            try:
-                outcome.append(client.call(30))
-            except Exception as error:  # recorded: the test checks which
-                outcome.append(error)
-
-        caller = threading.Thread(target=call)
+        caller = threading.Thread(target=lambda: outcome.append(catch(client.call, 30)))
         caller.start()
         wait_until(lambda: queued(broker, rpc_queue) == 1, 10, "the call's request queued")
         assert proxy.drop_all() == 1  # the client's connection, while it waits for the reply
@@ -499,7 +492,7 @@ def test_a_deleted_callback_queue_is_a_lost_connection_and_the_next_call_reconne
         # Deleted while the client is idle: the next call reconnects before sending.
         rabbitmqctl("delete_queue", client.callback_queue)
         wait_until(
-            lambda: client.connection.process_data_events(0) or client.cancelled, 10, "the cancel"
+            lambda: client.connection.process_data_events(0) or client.broken, 10, "the cancel"
         )
         assert client.call(10) == 55
 
