@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
-from pika.exceptions import AMQPChannelError, AMQPConnectionError, ChannelClosedByBroker, NackError
+from pika.exceptions import AMQPChannelError, AMQPConnectionError, ChannelClosedByBroker
 from pika.spec import Basic
 
 from rpc_client import DEFAULT_URL, URL_HELP, broker_parameters, connect
@@ -98,28 +98,49 @@ def serve(
     """Answer requests until a signal comes or the broker cancels our consumer."""
     channel = open_queue(connection, args.queue)
     channel.basic_qos(prefetch_count=args.prefetch)
-    # NOTE: in confirm mode basic_publish returns once the broker has the reply,
-    # so the request is acked after that: a server whose node dies between the
-    # two leaves the request to be redelivered, never lost.
-    channel.confirm_delivery()
-    in_hand: set[int] = set()  # delivery tags of requests not yet answered
+    in_hand: set[int] = set()  # delivery tags of requests not yet acked
+    # NOTE: a request is acked only once the broker confirms its reply: a server whose
+    # node dies between the two leaves the request to be redelivered, never lost. The
+    # broker numbers a channel's publishes from 1 and may confirm several at once
+    # (multiple); the server goes on with the next request meanwhile.
+    unconfirmed: dict[int, tuple[int, str | None]] = {}  # reply number -> request tag, id
+    published = 0
     cancelled: list[object] = []
     channel.add_on_cancel_callback(cancelled.append)  # queue deleted, consumer timeout
+    # NOTE: on pika's asynchronous channel, under the blocking one: the blocking
+    # channel's confirm_delivery() makes each publish wait for its confirm, and its
+    # methods must not be called from inside the I/O loop, where on_confirm runs.
+    pika_channel = channel._impl
+
+    def on_confirm(frame: pika.frame.Method) -> None:
+        confirm = frame.method
+        numbers = [confirm.delivery_tag]
+        if confirm.multiple:
+            numbers = [number for number in unconfirmed if number <= confirm.delivery_tag]
+        for number in numbers:
+            delivery_tag, corr_id = unconfirmed.pop(number)
+            if isinstance(confirm, Basic.Nack):  # NOTE: sent again, it would be refused again
+                LOGGER.warning(
+                    "the broker refused the reply to %r; its request is dropped", corr_id
+                )
+                pika_channel.basic_nack(delivery_tag=delivery_tag, requeue=False)
+            else:
+                pika_channel.basic_ack(delivery_tag=delivery_tag)
+            in_hand.discard(delivery_tag)
+
+    pika_channel.confirm_delivery(ack_nack_callback=on_confirm)
 
     def reply(
         delivery_tag: int, props: pika.BasicProperties, kind: str | None, body: bytes
     ) -> None:
+        nonlocal published
         # NOTE: AMQP 1.0 requesters (RabbitMQ 4's Requester) send only a message_id.
         corr_id = props.correlation_id or props.message_id
-        try:
-            channel.basic_publish(
-                "", props.reply_to, body, pika.BasicProperties(correlation_id=corr_id, type=kind)
-            )
-            channel.basic_ack(delivery_tag=delivery_tag)
-        except NackError:  # NOTE: sent again, it would be refused again: a full reply queue, say
-            LOGGER.warning("the broker refused the reply to %r; its request is dropped", corr_id)
-            channel.basic_nack(delivery_tag=delivery_tag, requeue=False)
-        in_hand.discard(delivery_tag)
+        properties = pika.BasicProperties(correlation_id=corr_id, type=kind)
+        # Queued here, sent by the I/O loop: its confirm cannot come before it is recorded.
+        pika_channel.basic_publish("", props.reply_to, body, properties)
+        published += 1
+        unconfirmed[published] = (delivery_tag, corr_id)
 
     def work(delivery_tag: int, props: pika.BasicProperties, n: int) -> None:
         # NOTE: pika is not thread-safe: the reply and the ack are handed back to
@@ -172,7 +193,7 @@ def serve(
         LOGGER.warning("our consumer was cancelled, or its queue deleted; declaring it again")
     else:
         channel.stop_consuming()  # requests not yet handed to us go back to the queue
-    while in_hand:
+    while in_hand and channel.is_open:  # the replies' confirms too
         connection.process_data_events(time_limit=1)
     channel.close()
 
