@@ -99,34 +99,27 @@ def serve(
     channel = open_queue(connection, args.queue)
     channel.basic_qos(prefetch_count=args.prefetch)
     in_hand: set[int] = set()  # delivery tags of requests not yet acked
-    # NOTE: a request is acked only once the broker confirms its reply: a server whose
-    # node dies between the two leaves the request to be redelivered, never lost. The
-    # broker numbers a channel's publishes from 1 and may confirm several at once
-    # (multiple); the server goes on with the next request meanwhile.
-    unconfirmed: dict[int, tuple[int, str | None]] = {}  # reply number -> request tag, id
-    published = 0
+    # NOTE: a request is acked once the broker confirms its reply, so that a server whose
+    # node dies between the two leaves it to be redelivered, never lost; the server goes
+    # on meanwhile. So this is done on pika's asynchronous channel under the blocking one,
+    # whose confirm_delivery() would make each publish wait for its confirm.
+    pika_channel = channel._impl
+    unconfirmed: dict[int, tuple[int, str | None]] = {}  # reply's number -> request's tag, id
+    published = 0  # the broker numbers a channel's publishes from 1
     cancelled: list[object] = []
     channel.add_on_cancel_callback(cancelled.append)  # queue deleted, consumer timeout
-    # NOTE: on pika's asynchronous channel, under the blocking one: the blocking
-    # channel's confirm_delivery() makes each publish wait for its confirm, and its
-    # methods must not be called from inside the I/O loop, where on_confirm runs.
-    pika_channel = channel._impl
 
-    def on_confirm(frame: pika.frame.Method) -> None:
-        confirm = frame.method
-        numbers = [confirm.delivery_tag]
-        if confirm.multiple:
-            numbers = [number for number in unconfirmed if number <= confirm.delivery_tag]
-        for number in numbers:
+    def on_confirm(frame: pika.frame.Method) -> None:  # in pika's I/O loop: no blocking calls
+        confirm, last = frame.method, frame.method.delivery_tag
+        for number in [n for n in unconfirmed if n <= last] if confirm.multiple else [last]:
             delivery_tag, corr_id = unconfirmed.pop(number)
-            if isinstance(confirm, Basic.Nack):  # NOTE: sent again, it would be refused again
-                LOGGER.warning(
-                    "the broker refused the reply to %r; its request is dropped", corr_id
-                )
-                pika_channel.basic_nack(delivery_tag=delivery_tag, requeue=False)
-            else:
-                pika_channel.basic_ack(delivery_tag=delivery_tag)
             in_hand.discard(delivery_tag)
+            if isinstance(confirm, Basic.Ack):
+                pika_channel.basic_ack(delivery_tag)
+                continue
+            # NOTE: dropped, not requeued: sent again, it would be refused again (a full queue)
+            LOGGER.warning("the broker refused the reply to %r; its request is dropped", corr_id)
+            pika_channel.basic_nack(delivery_tag, requeue=False)
 
     pika_channel.confirm_delivery(ack_nack_callback=on_confirm)
 
@@ -137,14 +130,13 @@ def serve(
         # NOTE: AMQP 1.0 requesters (RabbitMQ 4's Requester) send only a message_id.
         corr_id = props.correlation_id or props.message_id
         properties = pika.BasicProperties(correlation_id=corr_id, type=kind)
-        # Queued here, sent by the I/O loop: its confirm cannot come before it is recorded.
+        # Only queued here, sent by the I/O loop: its confirm cannot come before it is recorded.
         pika_channel.basic_publish("", props.reply_to, body, properties)
         published += 1
         unconfirmed[published] = (delivery_tag, corr_id)
 
     def work(delivery_tag: int, props: pika.BasicProperties, n: int) -> None:
-        # NOTE: pika is not thread-safe: the reply and the ack are handed back to
-        # the connection's own thread.
+        # NOTE: pika is not thread-safe: the reply is handed back to the connection's thread.
         done = functools.partial(reply, delivery_tag, props, *answer(n))
         try:
             connection.add_callback_threadsafe(done)
