@@ -3,7 +3,8 @@
 A process that connects through it sees its connection drop as it would when a
 network path fails: the proxy closes both sides, so the client reads end-of-stream
 and the broker sees its client vanish (and requeues what that client had not acked).
-Or the network goes silent, as in a partition: nothing passes, and nothing closes.
+Or the network goes silent, as in a partition: nothing passes, and nothing closes. Or
+only what the broker sends is lost: the client's frames still reach the broker.
 """
 
 from __future__ import annotations
@@ -23,18 +24,21 @@ class Link:
         upstream: socket.socket,
         on_closed: Callable[[Link], None],
         silent: threading.Event,
+        deaf: threading.Event,
     ) -> None:
         self.sockets = (downstream, upstream)
-        self.silent = silent
+        self.silent, self.deaf = silent, deaf
         self.on_closed = on_closed
         self.pumps_left = 2
         self.lock = threading.Lock()
 
     def pump(self, source: socket.socket, target: socket.socket) -> None:
         try:
+            from_broker = source is self.sockets[1]
             while data := source.recv(65536):
-                if not self.silent.is_set():  # else lost, as in a partition
-                    target.sendall(data)
+                if self.silent.is_set() or (from_broker and self.deaf.is_set()):
+                    continue  # lost, as in a partition
+                target.sendall(data)
         except OSError:
             pass  # cut, or reset by either end
         self.cut()
@@ -63,6 +67,7 @@ class TcpProxy:
         self.port: int = self.listener.getsockname()[1]
         self.refusing = False  # when set, new connections are closed as soon as accepted
         self.silent = threading.Event()  # when set, open connections pass nothing on
+        self.deaf = threading.Event()  # when set, they pass on nothing from the target
         self.accepted = 0  # connections forwarded so far
         self.links: list[Link] = []
         self.lock = threading.Lock()
@@ -88,7 +93,7 @@ class TcpProxy:
                 downstream.close()
                 continue
             upstream.settimeout(None)
-            link = Link(downstream, upstream, self._forget, self.silent)
+            link = Link(downstream, upstream, self._forget, self.silent, self.deaf)
             with self.lock:
                 self.links.append(link)
                 self.accepted += 1

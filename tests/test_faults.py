@@ -399,6 +399,23 @@ def test_broker_restart_server_serves_again_and_answers_queued_requests(
 # --- a server killed, a client's connection lost ------------------------------------------
 
 
+def test_a_request_is_acked_only_once_the_broker_confirms_its_reply(
+    start_server, proxies: list[TcpProxy], amqp_url: str, requester: Requester, broker
+) -> None:
+    proxy, n = proxies[0], 200_000  # half a second of work each, in a thread
+    server = start_server("--url", through(amqp_url, proxy), "--prefetch", "2", "--max-n", str(n))
+    corr_ids = [requester.send(str(n).encode()) for _ in range(2)]
+    for _ in corr_ids:
+        server.wait_for(f" [.] fib({n})")
+    # From now on no confirm reaches the server, while its frames still reach the broker.
+    # (All is over before its check of the queue, every 5 s, which would wait for an answer.)
+    proxy.deaf.set()
+    requester.wait(corr_ids, timeout=30)  # both replies left: the second did not wait
+    time.sleep(0.5)  # an ack sent without waiting for the confirm would be at the broker now
+    server.kill()  # the broker requeues what the server had not acked
+    wait_until(lambda: queued(broker, requester.queue) == 2, 10, "both requests requeued")
+
+
 def test_server_killed_mid_request_another_answers_exactly_once(
     start_server, requester: Requester
 ) -> None:

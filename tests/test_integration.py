@@ -293,6 +293,17 @@ def test_a_signal_in_the_first_second_finishes_the_request_in_hand(
     assert not any("Traceback" in line for line in server.stderr)
 
 
+def test_replies_confirmed_several_at_once_ack_all_their_requests(
+    start_server, client, broker, rpc_queue: str
+) -> None:
+    server = start_server("--quiet", "--prefetch", "10")
+    # Replies leave in bursts, and the broker confirms a burst at once (multiple) ...
+    assert client.call_many([30] * 500, window=100) == [832040] * 500
+    # ... so that a request left unacked would keep the server waiting after a signal.
+    assert server.stop(timeout=10) == 0
+    assert broker.queue_declare(queue=rpc_queue, passive=True).method.message_count == 0
+
+
 def test_server_exits_when_the_queue_is_declared_otherwise(
     start_server, broker, rpc_queue: str
 ) -> None:
