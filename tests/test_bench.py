@@ -22,22 +22,15 @@ import rpc_server
 from tests.conftest import ROOT, connect, run_script
 
 BENCH = "bench/rpc_bench.py"
-SEQUENTIAL = [  # one call at a time: latencies measured
-    "sequential fib(10), tutorial pair",
-    "sequential fib(10), this pair",
-    "sequential fib(30), tutorial pair",
-    "sequential fib(30), bare pair",
-    "sequential fib(30), bare pair + confirms",
-    "sequential fib(30), this pair",
-]
+PAIRS = ["tutorial pair", "tutorial made safe", "aio-pika RPC", "this pair"]
+SEQUENTIAL = [f"sequential, {pair}" for pair in PAIRS]  # one call at a time: latencies measured
 PIPELINED = [  # 100 calls in flight: no latency per call
-    "window 100, bare pair",
-    "window 100, bare pair + blocking confirms",
-    "call_many window 100, 1 server",
-    "call_many window 100, 2 servers",
-    "call_many window 100, 1 server, --prefetch 10",
+    *(f"100 in flight, {pair}" for pair in PAIRS),
+    "call_many window 100, the tutorial's server at prefetch 10",
+    "call_many window 100, the tutorial made safe's server at prefetch 10",
+    "call_many window 100, this server at prefetch 10",
 ]
-QUICK_ROWS = [*SEQUENTIAL, *PIPELINED, "2 client processes, 2 servers", "one reply 0.5 s late"]
+QUICK_ROWS = [*SEQUENTIAL, *PIPELINED]
 
 
 def load_bench(name: str = "rpc_bench") -> ModuleType:
@@ -68,26 +61,23 @@ def test_quick_run_gives_a_row_for_every_workload(quick_run: tuple) -> None:
     for row in rows:
         assert row["calls"] > 0 and row["calls_per_s"] > 0 and row["cpu_us_per_call"] > 0, row
     by_label = {row["workload"]: row for row in rows}
-    for label in [*SEQUENTIAL, "2 client processes, 2 servers"]:
-        assert by_label[label]["calls"] >= 20  # each client: 10 calls in each of 2 rounds
+    for label in SEQUENTIAL:
+        assert by_label[label]["calls"] == 20  # 10 calls in each of 2 rounds
         assert 0 < by_label[label]["p50_ms"] <= by_label[label]["p99_ms"], by_label[label]
     for label in PIPELINED:
-        assert by_label[label]["p50_ms"] is None and by_label[label]["calls"] >= 40
-    # Each comparison names an earlier row, and the note says the ratio it stored.
+        assert by_label[label]["p50_ms"] is None and by_label[label]["calls"] == 40
+    # Each comparison is with an earlier row, and the note says the ratios stored, in order.
     for row in rows:
-        if "ratio" in row:
-            assert (
-                row["ratio"] > 0
-                and row["ratio_of"] in QUICK_ROWS[: QUICK_ROWS.index(row["workload"])]
-            )
-            assert row["note"].startswith(f"x{row['ratio']:.2f} of "), row
-    assert "ratio" not in by_label["sequential fib(10), tutorial pair"]
-    assert (
-        by_label["sequential fib(10), this pair"]["ratio_of"] == "sequential fib(10), tutorial pair"
-    )
-    slow = by_label["one reply 0.5 s late"]
-    assert slow["calls"] == 1 and slow["p50_ms"] >= 500  # the fake server slept 0.5 s
-    assert "of the wait" in slow["note"]
+        earlier = QUICK_ROWS[: QUICK_ROWS.index(row["workload"])]
+        assert set(row["ratios"]) <= set(earlier) and all(r > 0 for r in row["ratios"].values())
+        notes = [note[: note.index(" of ") + 4] for note in row["note"].split("; ") if note]
+        assert notes == [f"x{ratio:.2f} of " for ratio in row["ratios"].values()], row
+    # This pair beside the three baselines, one call at a time and 100 in flight; the
+    # pipelined servers beside the tutorial's.
+    for mode in ("sequential", "100 in flight"):
+        assert list(by_label[f"{mode}, this pair"]["ratios"]) == [f"{mode}, {p}" for p in PAIRS[:3]]
+        assert by_label[f"{mode}, tutorial pair"]["ratios"] == {}
+    assert list(by_label[PIPELINED[-1]]["ratios"]) == [PIPELINED[-3]]
     # The table on stdout: a header, then a line per row, in the same order.
     header, *lines = done.stdout.splitlines()
     assert header.split()[:2] == ["workload", "calls/s"]
@@ -100,8 +90,8 @@ def test_quick_run_gives_a_row_for_every_workload(quick_run: tuple) -> None:
 def test_quick_run_deletes_its_queues(amqp_url: str, quick_run: tuple) -> None:
     _, report = quick_run
     queues = report["queues"]
-    # one_client: 3 plain servers' queues and 3 of ours; client processes: 1; slow reply: 1
-    assert len(queues) == len(set(queues)) == 8
+    # one a pair (4), then one a server at prefetch 10 (3)
+    assert len(queues) == len(set(queues)) == 7
     with connect(amqp_url, "test_bench cleanup check") as connection:
         for name in queues:
             assert name.startswith("bench_")
