@@ -100,9 +100,9 @@ def serve(
     channel.basic_qos(prefetch_count=args.prefetch)
     in_hand: set[int] = set()  # delivery tags of requests not yet acked
     # NOTE: a request is acked once the broker confirms its reply, so that a server whose
-    # node dies between the two leaves it to be redelivered, never lost; the server goes
-    # on meanwhile. So this is done on pika's asynchronous channel under the blocking one,
-    # whose confirm_delivery() would make each publish wait for its confirm.
+    # node dies between the two leaves it to be redelivered, never lost. The confirms are
+    # taken as they come, on pika's asynchronous channel under the blocking one (whose
+    # confirm_delivery() would make each publish wait): the server goes on meanwhile.
     pika_channel = channel._impl
     unconfirmed: dict[int, tuple[int, str | None]] = {}  # reply's number -> request's tag, id
     published = 0  # the broker numbers a channel's publishes from 1
