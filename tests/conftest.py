@@ -170,10 +170,12 @@ def _restore_what_main_changes() -> Iterator[None]:
     """Tests that call a script's main() in this process leave its global changes behind."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     pika_level = logging.getLogger("pika").level
+    int_digits = sys.get_int_max_str_digits()  # rpc_server.main lifts it
     yield
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
     logging.getLogger("pika").setLevel(pika_level)
+    sys.set_int_max_str_digits(int_digits)
 
 
 def run_script(name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
