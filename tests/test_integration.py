@@ -234,6 +234,19 @@ def test_stray_and_duplicate_replies_are_ignored(start_server, broker, client, m
     assert client.call_many([10, 20], window=2) == [55, 6765]
 
 
+def test_the_first_reply_wins_over_a_duplicate(broker, client, rpc_queue: str, monkeypatch) -> None:
+    broker.queue_declare(queue=rpc_queue)
+    send = client.send
+
+    def send_and_answer_twice(request: rpc_client.Request) -> None:  # as a faulty server
+        send(request)
+        for body in (b"55", b"999"):
+            stray_reply(broker, client.callback_queue, request.corr_id, body)
+
+    monkeypatch.setattr(client, "send", send_and_answer_twice)
+    assert client.call(10) == 55
+
+
 def test_two_servers_share_one_queue(start_server, client) -> None:
     first, second = start_server(), start_server()
     assert client.call_many(range(40), window=10) == [rpc_server.fib(n) for n in range(40)]
