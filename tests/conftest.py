@@ -79,9 +79,11 @@ def rpc_queue(amqp_url: str) -> Iterator[str]:
 class Server:
     """A `python rpc_server.py` process, its output lines collected as they come."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], code: str = "") -> None:
+        # code: Python run in the script's place, to make a server of the script's parts.
+        program = [sys.executable, "-c", code] if code else [sys.executable, ROOT / "rpc_server.py"]
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "rpc_server.py"), *args],
+            [*program, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -146,9 +148,13 @@ def start_server(amqp_url: str, rpc_queue: str) -> Iterator:
     """Start rpc_server.py on the test's queue (extra arguments appended); wait until ready."""
     servers: list[Server] = []
 
-    def start(*args: str, ready: bool = True, env: dict[str, str] | None = None) -> Server:
+    def start(
+        *args: str, ready: bool = True, env: dict[str, str] | None = None, code: str = ""
+    ) -> Server:
         environment = {**os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1", **(env or {})}
-        server = Server(["--queue", rpc_queue, *args], environment)
+        server = Server(
+            ["--queue", rpc_queue, *args], {**environment, "PYTHONPATH": str(ROOT)}, code
+        )
         servers.append(server)
         if ready:
             server.wait_for(READY)

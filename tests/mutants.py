@@ -203,7 +203,8 @@ MUTANTS = [
         S,
         "except Exception as error:  # one request's failure",
         "except ArithmeticError as error:  # one request's failure",
-        "test_unit.py::test_a_failed_computation_is_an_error_reply",
+        "test_unit.py::test_a_failed_computation_is_an_error_reply"
+        " test_integration.py::test_a_failed_computation_raises_rpc_error_and_the_server_goes_on",
     ),
     (
         "a request without reply_to is acked and dropped",

@@ -92,6 +92,21 @@ def test_error_reply_raises_rpc_error_and_the_cli_says_it_in_one_line(
     )
 
 
+# A server whose fib fails for n = 13 (ZeroDivisionError), and only for it.
+FAILING_FIB = """import sys, rpc_server
+fib = rpc_server.fib
+rpc_server.fib = lambda n: 1 / (n - 13) and fib(n)
+sys.exit(rpc_server.main(sys.argv[1:]))"""
+
+
+def test_a_failed_computation_raises_rpc_error_and_the_server_goes_on(start_server, client) -> None:
+    server = start_server(code=FAILING_FIB)
+    with pytest.raises(rpc_client.RpcError, match=r"^server error: ZeroDivisionError$"):
+        client.call(13)
+    assert client.call(14) == 377
+    wait_until(lambda: any("fib(13) failed" in line for line in server.stderr), 10, "its log")
+
+
 def test_request_without_reply_to_is_acked_and_dropped(
     start_server, broker, rpc_queue: str
 ) -> None:
