@@ -10,6 +10,7 @@ replies, and is not lost with a broker node. Usage: FibonacciRpcClient().call(30
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pika
 from pika.exceptions import AMQPChannelError, AMQPConnectionError, NackError
@@ -36,6 +38,7 @@ MAX_TIMEOUT = 315_360_000  # seconds, ten years: the longest expiration RabbitMQ
 CHECK_EVERY = 0.25
 NO_SERVER_AFTER = 1.25
 BLOCKED_TIMEOUT = 30.0  # seconds a resource alarm may block the server (a client: its timeout)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # both scripts'
 URL_HELP = (  # both scripts'
     "broker URL, or several separated by commas for a cluster (default: $AMQP_URL, else "
     "localhost); heartbeat, TLS and retry settings go in its query string, e.g. ?heartbeat=30"
@@ -97,10 +100,16 @@ def connect(nodes: list[pika.URLParameters]) -> pika.BlockingConnection:
 def checked_timeout(timeout: float) -> float:
     """timeout, if a request can expire after it; raise ValueError otherwise."""
     if not 0 < timeout <= MAX_TIMEOUT:  # nan is neither
-        raise ValueError(
-            f"timeout must be a positive number of seconds, ten years at most, got {timeout}"
-        )
+        raise ValueError(f"timeout must be a positive number of seconds, to ten years: {timeout}")
     return timeout
+
+
+@dataclass
+class Request:  # one n of a call
+    n: int
+    deadline: float
+    # of its latest publish; set before it, so "" means never sent, nothing that costs a retry
+    corr_id: str = ""
 
 
 class FibonacciRpcClient:
@@ -143,8 +152,7 @@ class FibonacciRpcClient:
         # Server-named and exclusive: ours alone, and deleted when we disconnect.
         result = self.channel.queue_declare(queue="", exclusive=True)
         self.callback_queue = result.method.queue
-        # NOTE: auto_ack: a reply is never redelivered to anyone else, as the
-        # queue is exclusive to this connection.
+        # NOTE: auto_ack: a reply has no one else to be redelivered to; the queue is ours alone.
         self.channel.basic_consume(
             queue=self.callback_queue, on_message_callback=self.on_response, auto_ack=True
         )
@@ -190,9 +198,9 @@ class FibonacciRpcClient:
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         timeout = checked_timeout(self.timeout if timeout is None else timeout)
-        results: list[int] = []
+        done: list[tuple[int, int]] = []  # (n, fib(n)) in the order of ns
         todo = deque(ns)
-        in_flight: deque[tuple[int, str, float]] = deque()  # (n, corr_id, deadline), oldest first
+        in_flight: deque[Request] = deque()  # oldest first
         attempt, again = 0, False
         with self.lock:
             self.refused = False  # until the broker refuses (nacks) a request of this call
@@ -202,26 +210,25 @@ class FibonacciRpcClient:
                     try:
                         if again:  # on a new connection, the requests in flight
                             self.connect()
-                            in_flight = deque(
-                                (n, self.send(n, end), end) for n, _, end in in_flight
-                            )
                             again = False
+                            for request in in_flight:
+                                self.send(request)
                         while todo and len(in_flight) < window:
-                            deadline = time.monotonic() + timeout
-                            in_flight.append(
-                                (todo[0], self.send(todo.popleft(), deadline), deadline)
-                            )
-                        results.append(self.wait(*in_flight[0][1:]))
+                            # NOTE: in flight before it is published: a publish that raises
+                            # leaves it to be sent again, never lost.
+                            in_flight.append(Request(todo.popleft(), time.monotonic() + timeout))
+                            self.send(in_flight[-1])
+                        done.append((in_flight[0].n, self.wait(in_flight[0])))
                         in_flight.popleft()
                     # NOTE: a lost connection took its callback queue; a nack is a request the
                     # broker did not take (a channel opened as the queue's leader died refuses
-                    # all, a full queue some). Either way, those in flight go again; retries
-                    # count those that may have reached a server, so that work that must not
-                    # run twice (retries=0) never does.
+                    # all, a full queue some). Either way, those in flight go again; retries count
+                    # losses of requests that may have reached a server: retries=0 runs none twice.
                     except AMQPConnectionError as error:
-                        if attempt == self.retries:
+                        attempt += any(request.corr_id for request in in_flight)
+                        if attempt > self.retries:
                             raise RpcConnectionError(f"connection lost: {error!r}") from None
-                        attempt, again = attempt + 1, True
+                        again = True
                         LOGGER.warning("connection lost during a call (%r); sending again", error)
                     except NackError:
                         if not self.retries and len(in_flight) > 1:  # others may have been taken
@@ -230,39 +237,40 @@ class FibonacciRpcClient:
                         LOGGER.warning("the broker refused a request; sending again")
             finally:
                 self.responses.clear()  # replies still to come are strays now
-        return results
+        # NOTE: one answer per n, in the order of ns, or none: never a shifted list.
+        if [n for n, _ in done] != list(ns):
+            raise RuntimeError(f"call_many answered {len(done)} of {len(ns)} requests out of order")
+        return [answer for _, answer in done]
 
     def reconnect_if_closed(self) -> None:
         """Reconnect, costing no retry, if the broker closed the connection while idle."""
-        try:
+        with contextlib.suppress(AMQPConnectionError):
             if self.connection is not None and self.channel.is_open:
                 self.connection.process_data_events(0)  # learns of a close, or a cancel
                 if not self.broken:
                     return
-        except AMQPConnectionError:
-            pass
         self.connect()
 
-    def send(self, n: int, deadline: float) -> str:
-        """Publish a request for fib(n); return its correlation_id."""
-        corr_id = str(uuid.uuid4())
+    def send(self, request: Request) -> None:
+        if not self.channel.is_open:  # closed by what wait() processed: nothing is sent
+            raise AMQPConnectionError("the channel closed before the request was sent")
+        request.corr_id = corr_id = str(uuid.uuid4())
         # expiration: a request no server took in time is dropped, not computed for nobody.
-        ttl = str(max(1, math.ceil((deadline - time.monotonic()) * 1000)))
+        ttl = str(max(1, math.ceil((request.deadline - time.monotonic()) * 1000)))
         # message_id too: AMQP 1.0 responders reply with it as the correlation id.
         properties = pika.BasicProperties(
             reply_to=self.callback_queue, correlation_id=corr_id, message_id=corr_id, expiration=ttl
         )
         self.responses[corr_id] = None
-        self.channel.basic_publish("", self.queue, str(n), properties, mandatory=True)
-        return corr_id
+        self.channel.basic_publish("", self.queue, str(request.n), properties, mandatory=True)
 
-    def wait(self, corr_id: str, deadline: float) -> int:
-        """Process events until corr_id's reply comes; return its answer, or raise."""
+    def wait(self, request: Request) -> int:
+        """Process events until request's reply comes; return its answer, or raise."""
         check_at = time.monotonic() + CHECK_EVERY
         self.no_server_since: float | None = None
-        while self.responses[corr_id] is None:
+        while self.responses[request.corr_id] is None:
             now = time.monotonic()
-            if now >= deadline:
+            if now >= request.deadline:
                 why = f"; the broker blocks this connection: {self.blocked}" if self.blocked else ""
                 why += "; the broker refused it (is the queue full?)" if self.refused else ""
                 raise RpcTimeoutError(f"no reply from {self.queue!r} within the timeout{why}")
@@ -283,9 +291,9 @@ class FibonacciRpcClient:
                     self.queue, passive=True, callback=self.on_consumer_count
                 )
             # Blocks until an event or the time limit: no busy loop.
-            limit = deadline if self.blocked else min(deadline, check_at)
+            limit = request.deadline if self.blocked else min(request.deadline, check_at)
             self.connection.process_data_events(time_limit=limit - now)
-        kind, body = self.responses[corr_id]
+        kind, body = self.responses[request.corr_id]
         if kind == "returned":
             raise NoServerError(f"no queue {self.queue!r}, so no RPC server consumes it")
         if kind == "error":
@@ -296,11 +304,10 @@ class FibonacciRpcClient:
             raise RpcError(f"cannot read the reply: {error}") from None
 
     def close(self) -> None:
-        try:  # a connection blocked by an alarm is dropped by its blocked timeout
+        # A connection blocked by an alarm is dropped by its blocked timeout.
+        with contextlib.suppress(AMQPConnectionError):
             if self.connection is not None and self.connection.is_open:
                 self.connection.close()
-        except AMQPConnectionError:
-            pass
         self.connection = None
 
     def __enter__(self) -> FibonacciRpcClient:
@@ -320,10 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail, pika's too")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = logging.DEBUG if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format=LOG_FORMAT)
     if not args.verbose:
         logging.getLogger("pika").setLevel(logging.CRITICAL)  # its errors are ours to report
     try:

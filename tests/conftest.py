@@ -79,9 +79,11 @@ def rpc_queue(amqp_url: str) -> Iterator[str]:
 class Server:
     """A `python rpc_server.py` process, its output lines collected as they come."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], code: str = "") -> None:
+        # code: Python run in the script's place, to make a server of the script's parts.
+        program = [sys.executable, "-c", code] if code else [sys.executable, ROOT / "rpc_server.py"]
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "rpc_server.py"), *args],
+            [*program, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -146,9 +148,13 @@ def start_server(amqp_url: str, rpc_queue: str) -> Iterator:
     """Start rpc_server.py on the test's queue (extra arguments appended); wait until ready."""
     servers: list[Server] = []
 
-    def start(*args: str, ready: bool = True, env: dict[str, str] | None = None) -> Server:
+    def start(
+        *args: str, ready: bool = True, env: dict[str, str] | None = None, code: str = ""
+    ) -> Server:
         environment = {**os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1", **(env or {})}
-        server = Server(["--queue", rpc_queue, *args], environment)
+        server = Server(
+            ["--queue", rpc_queue, *args], {**environment, "PYTHONPATH": str(ROOT)}, code
+        )
         servers.append(server)
         if ready:
             server.wait_for(READY)
@@ -170,10 +176,12 @@ def _restore_what_main_changes() -> Iterator[None]:
     """Tests that call a script's main() in this process leave its global changes behind."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     pika_level = logging.getLogger("pika").level
+    int_digits = sys.get_int_max_str_digits()  # rpc_server.main lifts it
     yield
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
     logging.getLogger("pika").setLevel(pika_level)
+    sys.set_int_max_str_digits(int_digits)
 
 
 def run_script(name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -9,13 +9,17 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pytest
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.exceptions import StreamLostError
 
 import rpc_client
 import rpc_server
 from tests.conftest import connect, digits, request, run_script, stray_reply, wait_until
+from tests.tcp_proxy import TcpProxy
 
 LONG_N = 600_000  # about two seconds of a server's work: a request in hand
 
@@ -38,6 +42,15 @@ def test_cli_prints_the_tutorial_lines(start_server, amqp_url: str, rpc_queue: s
 def test_the_largest_default_n_arrives_whole(start_server, client) -> None:
     start_server()
     assert client.call(rpc_server.MAX_N) == rpc_server.fib(rpc_server.MAX_N)
+
+
+def test_an_answer_past_4300_digits_is_an_rpc_error_unless_the_caller_lifts_the_limit(
+    start_server, client
+) -> None:
+    # A test that calls rpc_server.main leaves the limit lifted, but for a fixture of conftest.
+    start_server("--max-n", "25000")  # fib(25000) has 5225 digits
+    with pytest.raises(rpc_client.RpcError, match=r"^cannot read the reply: Exceeds the limit"):
+        client.call(25000)
 
 
 @pytest.mark.parametrize(
@@ -79,6 +92,21 @@ def test_error_reply_raises_rpc_error_and_the_cli_says_it_in_one_line(
     )
 
 
+# A server whose fib fails for n = 13 (ZeroDivisionError), and only for it.
+FAILING_FIB = """import sys, rpc_server
+fib = rpc_server.fib
+rpc_server.fib = lambda n: 1 / (n - 13) and fib(n)
+sys.exit(rpc_server.main(sys.argv[1:]))"""
+
+
+def test_a_failed_computation_raises_rpc_error_and_the_server_goes_on(start_server, client) -> None:
+    server = start_server(code=FAILING_FIB)
+    with pytest.raises(rpc_client.RpcError, match=r"^server error: ZeroDivisionError$"):
+        client.call(13)
+    assert client.call(14) == 377
+    wait_until(lambda: any("fib(13) failed" in line for line in server.stderr), 10, "its log")
+
+
 def test_request_without_reply_to_is_acked_and_dropped(
     start_server, broker, rpc_queue: str
 ) -> None:
@@ -89,8 +117,11 @@ def test_request_without_reply_to_is_acked_and_dropped(
     wait_until(lambda: any("no reply_to" in line for line in server.stderr), 10, "a log line")
 
 
-def test_no_queue_is_no_server_error_at_once(client, amqp_url: str, rpc_queue: str) -> None:
-    # timeout=60: the request comes back (mandatory), so the call need not wait for it
+def test_no_queue_is_no_server_error_at_once(
+    client, amqp_url: str, rpc_queue: str, monkeypatch
+) -> None:
+    # The request comes back (mandatory): no check of the queue, nor the timeout, is waited for.
+    monkeypatch.setattr(rpc_client, "CHECK_EVERY", 3600)
     with pytest.raises(
         rpc_client.NoServerError, match=f"^no queue '{rpc_queue}', so no RPC server"
     ):
@@ -148,31 +179,48 @@ def test_timeout_raises_one_line_and_the_request_carries_expiration(
     silent.connection.close()
 
 
+def lose_publishes(monkeypatch: pytest.MonkeyPatch, queue: str, *lost: int) -> list[int]:
+    """Count the publishes to queue, in a list of one; make the k-th (from 1, for each k in
+    lost) raise StreamLostError and send nothing, as a connection lost in the publish would."""
+    publish, count = BlockingChannel.basic_publish, [0]
+
+    def lossy(channel: BlockingChannel, exchange: str, key: str, *args, **kwargs) -> None:
+        count[0] += key == queue
+        if key == queue and count[0] in lost:
+            raise StreamLostError("lost by the test")
+        publish(channel, exchange, key, *args, **kwargs)
+
+    monkeypatch.setattr(BlockingChannel, "basic_publish", lossy)
+    return count
+
+
 # What a full queue with overflow reject-publish does: the broker refuses (nacks) each message.
 FULL = {"x-max-length": 0, "x-overflow": "reject-publish"}
 
 
-def test_a_refused_request_is_sent_again_and_the_timeout_names_the_refusal(
-    client, broker, rpc_queue: str, caplog
+def test_a_refused_request_is_sent_again_at_no_cost_and_the_timeout_names_the_refusal(
+    amqp_url: str, broker, rpc_queue: str, monkeypatch
 ) -> None:
     broker.queue_declare(queue=rpc_queue, arguments=FULL)
     broker.basic_consume(queue=rpc_queue, on_message_callback=lambda *delivery: None)  # a "server"
-    with pytest.raises(rpc_client.RpcTimeoutError, match=r"; the broker refused it \(is the queue"):
+    published = lose_publishes(monkeypatch, rpc_queue)
+    refused = pytest.raises(rpc_client.RpcTimeoutError, match=r"; the broker refused it \(is the")
+    with rpc_client.FibonacciRpcClient(amqp_url, queue=rpc_queue, retries=0) as client, refused:
         client.call(30, timeout=1)
-    assert "the broker refused a request; sending again" in caplog.text
+    assert published[0] > 1  # sent again, though retries=0: nothing was taken
 
 
 def test_with_retries_0_a_refusal_sends_nothing_again_that_may_have_been_taken(
-    amqp_url: str, broker, rpc_queue: str
+    amqp_url: str, broker, rpc_queue: str, monkeypatch
 ) -> None:
     broker.queue_declare(queue=rpc_queue, arguments={**FULL, "x-max-length": 1})
     broker.basic_qos(prefetch_count=1)  # a "server" that holds the first and takes no more
     broker.basic_consume(queue=rpc_queue, on_message_callback=lambda *delivery: None)
+    published = lose_publishes(monkeypatch, rpc_queue)
     refused = pytest.raises(rpc_client.RpcConnectionError, match=r"^the broker refused a request$")
     with rpc_client.FibonacciRpcClient(amqp_url, queue=rpc_queue, retries=0) as client, refused:
         client.call_many([1, 2, 3, 4, 5], window=5)  # the first held, the second queued, ...
-    # ... and taken: sent again, it would have run twice.
-    assert broker.queue_declare(queue=rpc_queue, passive=True).method.message_count == 1
+    assert published == [5]  # ... and taken: sent again, they would have run twice
 
 
 def test_a_refused_reply_drops_its_request(start_server, broker, rpc_queue: str) -> None:
@@ -192,14 +240,26 @@ def test_stray_and_duplicate_replies_are_ignored(start_server, broker, client, m
     sent: list[str] = []
     send = client.send
     monkeypatch.setattr(
-        client, "send", lambda n, deadline: sent.append(send(n, deadline)) or sent[-1]
+        client, "send", lambda request: send(request) or sent.append(request.corr_id)
     )
     for corr_id in ("foreign", None):  # waiting in the callback queue before the call
         stray_reply(broker, client.callback_queue, corr_id, type="error")
     assert client.call(30) == 832040
     stray_reply(broker, client.callback_queue, sent[-1])  # a late duplicate of its reply
     assert client.call_many([10, 20], window=2) == [55, 6765]
-    assert client.responses == {}
+
+
+def test_the_first_reply_wins_over_a_duplicate(broker, client, rpc_queue: str, monkeypatch) -> None:
+    broker.queue_declare(queue=rpc_queue)
+    send = client.send
+
+    def send_and_answer_twice(request: rpc_client.Request) -> None:  # as a faulty server
+        send(request)
+        for body in (b"55", b"999"):
+            stray_reply(broker, client.callback_queue, request.corr_id, body)
+
+    monkeypatch.setattr(client, "send", send_and_answer_twice)
+    assert client.call(10) == 55
 
 
 def test_two_servers_share_one_queue(start_server, client) -> None:
@@ -216,9 +276,9 @@ def test_call_many_keeps_the_order_of_ns_and_at_most_window_in_flight(
     in_flight: list[int] = []
     send = client.send
 
-    def counting_send(n: int, deadline: float) -> str:
+    def counting_send(request: rpc_client.Request) -> None:
         in_flight.append(sum(reply is None for reply in client.responses.values()))
-        return send(n, deadline)
+        send(request)
 
     monkeypatch.setattr(client, "send", counting_send)
     ns = [(n * 37) % 90 for n in range(200)]
@@ -231,16 +291,91 @@ def test_call_many_raises_the_first_failure_in_the_order_of_ns(start_server, cli
     start_server("--quiet", "--max-n", "50")
     with pytest.raises(rpc_client.RpcError, match=r"got '70'$"):
         client.call_many([1, 70, 5, 60], window=4)
-    assert client.responses == {}
     assert client.call_many([50, 3]) == [12586269025, 2]  # the late replies were dropped
 
 
+def test_a_publish_lost_on_the_first_request_of_a_call_is_sent_again(
+    start_server, client, rpc_queue: str, monkeypatch
+) -> None:
+    start_server("--quiet")
+    lose_publishes(monkeypatch, rpc_queue, 1)
+    assert client.call(5) == 5
+
+
+@pytest.mark.parametrize("lost", [1, 3, 5])  # the first, a middle and the last of the window
+def test_call_many_sends_a_lost_publish_again_and_answers_each_n_in_order(
+    start_server, client, rpc_queue: str, monkeypatch, lost: int
+) -> None:
+    start_server("--quiet", "--prefetch", "10")
+    lose_publishes(monkeypatch, rpc_queue, lost)
+    ns = [1, 2, 3, 4, 5, 6]
+    assert client.call_many(ns, window=5) == [rpc_server.fib(n) for n in ns]
+
+
+def test_a_publish_lost_while_sending_again_is_one_more_retry(
+    start_server, amqp_url: str, rpc_queue: str, monkeypatch
+) -> None:
+    start_server("--quiet", "--prefetch", "10")
+    lose_publishes(monkeypatch, rpc_queue, 2, 3)  # the 2nd, then the 1st sent again
+    ns = [1, 2, 3, 4, 5, 6]
+    with rpc_client.FibonacciRpcClient(amqp_url, queue=rpc_queue, retries=2) as client:
+        assert client.call_many(ns, window=5) == [rpc_server.fib(n) for n in ns]
+    lose_publishes(monkeypatch, rpc_queue, 2, 3)  # the same losses, with one retry
+    lost = pytest.raises(rpc_client.RpcConnectionError, match=r"^connection lost")
+    with rpc_client.FibonacciRpcClient(amqp_url, queue=rpc_queue, retries=1) as client, lost:
+        client.call_many(ns, window=5)
+
+
+def test_with_retries_0_a_publish_that_may_have_been_sent_is_not_sent_again(
+    start_server, amqp_url: str, rpc_queue: str, monkeypatch
+) -> None:
+    server = start_server()
+    lose_publishes(monkeypatch, rpc_queue, 1)  # it raised: it may have reached the broker
+    with rpc_client.FibonacciRpcClient(amqp_url, queue=rpc_queue, retries=0) as client:
+        with pytest.raises(rpc_client.RpcConnectionError, match=r"^connection lost"):
+            client.call(5)
+        assert client.call(6) == 8
+    assert " [.] fib(5)" not in server.stdout
+
+
+def test_a_request_certainly_not_sent_costs_no_retry(
+    start_server, amqp_url: str, rpc_queue: str, monkeypatch
+) -> None:
+    start_server("--quiet")
+    with rpc_client.FibonacciRpcClient(amqp_url, queue=rpc_queue, retries=0) as client:
+        wait = client.wait
+
+        def wait_then_lose_the_channel(request: rpc_client.Request) -> int:
+            answer = wait(request)
+            client.channel.close()  # as a close the broker sends with the reply would
+            return answer
+
+        monkeypatch.setattr(client, "wait", wait_then_lose_the_channel)
+        assert client.call_many([1, 2, 3], window=1) == [1, 1, 2]
+
+
+def test_call_many_raises_rather_than_answer_another_n(start_server, client, monkeypatch) -> None:
+    start_server("--quiet")
+    send = client.send
+
+    def send_another_n(request: rpc_client.Request) -> None:  # a defect, made on purpose
+        request.n += request.n == 3
+        send(request)
+
+    monkeypatch.setattr(client, "send", send_another_n)
+    with pytest.raises(RuntimeError, match="out of order"):
+        client.call_many([1, 2, 3, 5])
+
+
 @pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), 315_360_001])
-def test_a_call_refuses_a_timeout_its_request_cannot_expire_by(client, timeout: float) -> None:
+def test_a_call_refuses_a_timeout_its_request_cannot_expire_by(
+    client, rpc_queue: str, monkeypatch, timeout: float
+) -> None:
+    published = lose_publishes(monkeypatch, rpc_queue)
     # The broker takes an expiration of ten years at most: past it, it closes the channel.
     with pytest.raises(ValueError, match=r"^timeout must be a positive number of seconds"):
         client.call(30, timeout=timeout)
-    assert client.responses == {}  # nothing sent
+    assert published == [0]
 
 
 @pytest.mark.parametrize("window", [0, -1])
@@ -385,8 +520,16 @@ def test_client_defaults_to_amqp_url_and_rpc_queue(
     start_server, amqp_url: str, monkeypatch
 ) -> None:
     # The real rpc_queue, as in the tutorial (another server on it may answer too).
-    monkeypatch.setenv("AMQP_URL", amqp_url)
     server = start_server("--queue", "rpc_queue")
-    with rpc_client.FibonacciRpcClient() as fibonacci_rpc:
-        assert fibonacci_rpc.call(30) == 832040
+    parameters = pika.URLParameters(amqp_url)
+    proxy = TcpProxy((parameters.host, parameters.port))  # an AMQP_URL unlike the default
+    try:
+        url = urlsplit(amqp_url)
+        proxied = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
+        monkeypatch.setenv("AMQP_URL", urlunsplit(proxied))
+        with rpc_client.FibonacciRpcClient() as fibonacci_rpc:
+            assert fibonacci_rpc.call(30) == 832040
+        assert proxy.accepted == 1
+    finally:
+        proxy.close()
     assert server.stop() == 0

@@ -77,9 +77,9 @@ def test_parse_request_refuses(body: bytes, shown: str) -> None:
 def test_a_reply_that_is_not_an_answer_raises(kind, body, raised, message) -> None:
     client = object.__new__(rpc_client.FibonacciRpcClient)  # no connection: replies are in
     client.queue, client.responses = "rpc_queue", {"ok": (None, b"832040"), "no": (kind, body)}
-    assert client.wait("ok", deadline=0) == 832040
+    assert client.wait(rpc_client.Request(30, deadline=0, corr_id="ok")) == 832040
     with pytest.raises(raised, match=message):
-        client.wait("no", deadline=0)
+        client.wait(rpc_client.Request(30, deadline=0, corr_id="no"))
 
 
 def test_errors_subclass_the_builtin_ones() -> None:
