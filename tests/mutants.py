@@ -230,9 +230,41 @@ MUTANTS = [
     (
         "SIGTERM finishes the request in hand",
         S,
-        "    while in_hand:\n        connection.process_data_events(time_limit=1)\n",
+        "    while in_hand and channel.is_open:  # the replies' confirms too\n"
+        "        connection.process_data_events(time_limit=1)\n",
         "",
         "test_integration.py::test_a_signal_in_the_first_second_finishes_the_request_in_hand",
+    ),
+    (
+        "a request is acked only once the broker confirms its reply",
+        S,
+        "        unconfirmed[published] = (delivery_tag, corr_id)\n",
+        "        unconfirmed[published] = (delivery_tag, corr_id)\n"
+        "        pika_channel.basic_ack(delivery_tag)\n",
+        "test_faults.py::test_a_request_is_acked_only_once_the_broker_confirms_its_reply",
+    ),
+    (
+        "a reply does not wait for the confirm of the one before",
+        S,
+        "        unconfirmed[published] = (delivery_tag, corr_id)\n",
+        "        unconfirmed[published] = (delivery_tag, corr_id)\n"
+        "        while published in unconfirmed:\n"
+        "            connection.process_data_events(time_limit=1)\n",
+        "test_faults.py::test_a_request_is_acked_only_once_the_broker_confirms_its_reply",
+    ),
+    (
+        "a refused reply drops its request, never sends it round again",
+        S,
+        "pika_channel.basic_nack(delivery_tag, requeue=False)",
+        "pika_channel.basic_nack(delivery_tag, requeue=True)",
+        "test_integration.py::test_a_refused_reply_drops_its_request",
+    ),
+    (
+        "a confirm of several replies at once (multiple) acks all their requests",
+        S,
+        "if confirm.multiple else [last]",
+        "if False else [last]",
+        "test_integration.py::test_replies_confirmed_several_at_once_ack_all_their_requests",
     ),
     (
         "long work runs in a thread, so heartbeats flow",

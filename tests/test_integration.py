@@ -228,11 +228,12 @@ def test_a_refused_reply_drops_its_request(start_server, broker, rpc_queue: str)
     full = broker.queue_declare(queue="", exclusive=True, arguments=FULL).method.queue
     asking = pika.BasicProperties(reply_to=full, correlation_id="refused")
     broker.basic_publish(exchange="", routing_key=rpc_queue, properties=asking, body=b"7")
-    assert request(broker, rpc_queue, b"10")[1] == b"55"  # the server went on
-    wait_until(lambda: " [.] fib(10)" in server.stdout, 10, "the server's line for fib(10)")
-    assert server.stdout.count(" [.] fib(7)") == 1  # computed once: not sent back to the queue
     refusal = "refused the reply to 'refused'"
     wait_until(lambda: any(refusal in line for line in server.stderr), 10, "the log line")
+    for _ in range(2):  # a request sent back to the queue would be taken before the second
+        assert request(broker, rpc_queue, b"10")[1] == b"55"  # the server went on
+    wait_until(lambda: server.stdout.count(" [.] fib(10)") == 2, 10, "the lines for fib(10)")
+    assert server.stdout.count(" [.] fib(7)") == 1  # computed once: not sent back to the queue
 
 
 def test_stray_and_duplicate_replies_are_ignored(start_server, broker, client, monkeypatch) -> None:
