@@ -1,39 +1,40 @@
 #!/usr/bin/env python
 """RPC server of RabbitMQ tutorial 6 ("Remote procedure call"), for pika 1.x.
 
-It consumes requests from rpc_queue, computes fib(n) and publishes the answer to the
-request's reply_to queue with the request's correlation_id. Start several servers to
-share the load. Beyond the tutorial, for production: bad requests get an error reply
-instead of killing the server, n is bounded, long work runs in a thread so that
-heartbeats keep flowing, a request is acked only once the broker has its reply, a
-lost node or connection is replaced, and SIGINT/SIGTERM finish the request in hand.
+It consumes rpc_queue, computes fib(n) and publishes the answer to the request's reply_to
+with its correlation_id; several servers share the load. Beyond the tutorial, for production:
+bad requests get an error reply, n is bounded, long work runs in a thread so that heartbeats
+flow, a request is acked once the broker confirms its reply, a lost node is replaced, and
+SIGINT/SIGTERM finish the requests in hand.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import logging
 import os
 import random
+import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from urllib.parse import unquote
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPChannelError, AMQPConnectionError, ChannelClosedByBroker
 from pika.spec import Basic
 
-from rpc_client import DEFAULT_URL, URL_HELP, broker_parameters, connect
+from rpc_client import DEFAULT_URL, LOG_FORMAT, URL_HELP, broker_parameters, connect
 
 LOGGER = logging.getLogger("rpc_server")
 
-# NOTE: declared as the official tutorials now declare it (durable, quorum), so their
-# servers and clients share it with ours; a queue declared with other arguments fails
-# with PRECONDITION_FAILED.
+# NOTE: as the official tutorials now declare it (durable, quorum), so that theirs and ours
+# share it; a queue declared with other arguments fails with PRECONDITION_FAILED.
 QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
 # fib(20000) has 4180 digits, within the 4300 that Python converts to and from
 # text by default, and takes a few milliseconds.
@@ -62,6 +63,16 @@ def parse_request(body: bytes, max_n: int) -> int:
         shown = text if len(text) <= 20 else text[:20] + "..."
         raise ValueError(f"n must be an integer from 0 to {max_n}, got {shown!r}")
     return int(text)
+
+
+def reply_address(reply_to: str | bytes) -> tuple[str, str | bytes]:
+    """The exchange and routing key of a reply_to: a queue's name, or an AMQP 1.0 address
+    (v2), which RabbitMQ 4.0 hands on from an AMQP 1.0 requester as it is. (pika gives
+    bytes for a reply_to that is not UTF-8: str() makes it match nothing.)"""
+    if match := re.fullmatch(r"/queues/([^/]+)|/exchanges/([^/]+)(?:/([^/]*))?", str(reply_to)):
+        queue, exchange, key = (unquote(part or "") for part in match.groups())
+        return (exchange, key) if match.group(2) else ("", queue)
+    return "", reply_to
 
 
 def answer(n: int) -> tuple[str | None, bytes]:
@@ -105,7 +116,7 @@ def serve(
     # confirm_delivery() would make each publish wait): the server goes on meanwhile.
     pika_channel = channel._impl
     unconfirmed: dict[int, tuple[int, str | None]] = {}  # reply's number -> request's tag, id
-    published = 0  # the broker numbers a channel's publishes from 1
+    numbers = itertools.count(1)  # the broker numbers a channel's publishes from 1
     cancelled: list[object] = []
     channel.add_on_cancel_callback(cancelled.append)  # queue deleted, consumer timeout
 
@@ -126,14 +137,12 @@ def serve(
     def reply(
         delivery_tag: int, props: pika.BasicProperties, kind: str | None, body: bytes
     ) -> None:
-        nonlocal published
         # NOTE: AMQP 1.0 requesters (RabbitMQ 4's Requester) send only a message_id.
         corr_id = props.correlation_id or props.message_id
         properties = pika.BasicProperties(correlation_id=corr_id, type=kind)
         # Only queued here, sent by the I/O loop: its confirm cannot come before it is recorded.
-        pika_channel.basic_publish("", props.reply_to, body, properties)
-        published += 1
-        unconfirmed[published] = (delivery_tag, corr_id)
+        pika_channel.basic_publish(*reply_address(props.reply_to), body, properties)
+        unconfirmed[next(numbers)] = (delivery_tag, corr_id)
 
     def work(delivery_tag: int, props: pika.BasicProperties, n: int) -> None:
         # NOTE: pika is not thread-safe: the reply is handed back to the connection's thread.
@@ -147,9 +156,7 @@ def serve(
         ch: BlockingChannel, method: Basic.Deliver, props: pika.BasicProperties, body: bytes
     ) -> None:
         if not props.reply_to:
-            LOGGER.warning(
-                "dropped a request with no reply_to (correlation_id %r)", props.correlation_id
-            )
+            LOGGER.warning("dropped a request with no reply_to: %r", props.correlation_id)
             ch.basic_ack(delivery_tag=method.delivery_tag)
             return
         in_hand.add(method.delivery_tag)
@@ -237,10 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format=LOG_FORMAT)
     if not args.verbose:
         logging.getLogger("pika").setLevel(logging.CRITICAL)  # its errors are ours to report
     sys.set_int_max_str_digits(0)  # a raised --max-n answers past 4300 digits

@@ -238,17 +238,17 @@ MUTANTS = [
     (
         "a request is acked only once the broker confirms its reply",
         S,
-        "        unconfirmed[published] = (delivery_tag, corr_id)\n",
-        "        unconfirmed[published] = (delivery_tag, corr_id)\n"
+        "        unconfirmed[next(numbers)] = (delivery_tag, corr_id)\n",
+        "        unconfirmed[next(numbers)] = (delivery_tag, corr_id)\n"
         "        pika_channel.basic_ack(delivery_tag)\n",
         "test_faults.py::test_a_request_is_acked_only_once_the_broker_confirms_its_reply",
     ),
     (
         "a reply does not wait for the confirm of the one before",
         S,
-        "        unconfirmed[published] = (delivery_tag, corr_id)\n",
-        "        unconfirmed[published] = (delivery_tag, corr_id)\n"
-        "        while published in unconfirmed:\n"
+        "        unconfirmed[next(numbers)] = (delivery_tag, corr_id)\n",
+        "        unconfirmed[next(numbers)] = (delivery_tag, corr_id)\n"
+        "        while unconfirmed:\n"
         "            connection.process_data_events(time_limit=1)\n",
         "test_faults.py::test_a_request_is_acked_only_once_the_broker_confirms_its_reply",
     ),
