@@ -297,6 +297,17 @@ MUTANTS = [
 ]
 
 
+MUTANTS.append(
+    (
+        "an AMQP 1.0 reply-to address (v2) is a queue or an exchange and key",
+        S,
+        "*reply_address(props.reply_to), body",
+        '"", props.reply_to, body',
+        "test_integration.py::test_a_reply_to_given_as_an_amqp_1_0_address_gets_the_reply",
+    )
+)
+
+
 def run(promise: str, file: str, keeps: str, mutated: str, tests: str) -> bool:
     """Make the mutant in a copy of the project; return True if its tests fail (killed)."""
     source = (ROOT / file).read_text()

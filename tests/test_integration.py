@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import pika
 import pytest
@@ -493,6 +493,24 @@ def test_other_requesters_get_their_reply(
     )
     wait_until(lambda: broker.connection.process_data_events(time_limit=0.1) or got, 20, "a reply")
     assert got == [(expected_id, b"832040")]
+
+
+@pytest.mark.parametrize("address", ["/queues/{}", "/exchanges/amq.direct/{}"])
+def test_a_reply_to_given_as_an_amqp_1_0_address_gets_the_reply(
+    start_server, broker, rpc_queue: str, address: str
+) -> None:
+    start_server()
+    replies = f"replies/{rpc_queue} x"  # a slash and a space: percent-encoded in the address
+    broker.queue_declare(queue=replies, exclusive=True)
+    broker.queue_bind(replies, "amq.direct", routing_key=replies)
+    reply_to = address.format(quote(replies, safe=""))
+    asking = pika.BasicProperties(reply_to=reply_to, correlation_id="v2")
+    broker.basic_publish(exchange="", routing_key=rpc_queue, properties=asking, body=b"30")
+    for method, properties, body in broker.consume(replies, auto_ack=True, inactivity_timeout=20):
+        assert method is not None, "no reply"
+        assert (properties.correlation_id, body) == ("v2", b"832040")
+        break
+    broker.cancel()
 
 
 def test_a_responder_that_answers_by_message_id_serves_our_client(
