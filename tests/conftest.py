@@ -50,6 +50,53 @@ def amqp_url() -> str:
             time.sleep(0.5)
 
 
+def server_version(url: str) -> str:
+    """The version the broker at url gives in its connection handshake."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return connection._impl.server_properties["version"].decode()
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_major(amqp_url: str) -> int:
+    return int(server_version(amqp_url).split(".")[0])
+
+
+@pytest.fixture(autouse=True)
+def _only_on_its_version(request: pytest.FixtureRequest) -> None:
+    """A test marked rabbitmq3 or rabbitmq4 holds for that major version only: skipped on
+    the other, saying so (scripts/test runs each on a broker of its version)."""
+    for major in (3, 4):
+        if request.node.get_closest_marker(f"rabbitmq{major}"):
+            found = request.getfixturevalue("rabbitmq_major")
+            if found != major:
+                pytest.skip(f"RabbitMQ {major} behaviour; the broker at AMQP_URL is {found}.x")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which RabbitMQ and Erlang the integration tests run on."""
+    if "not integration" in (config.option.markexpr or ""):
+        return "RabbitMQ: none needed (-m 'not integration')"
+    first = URL.split(",")[0]
+    try:
+        rabbitmq = server_version(first + ("&" if "?" in first else "?") + "connection_attempts=1")
+    except AMQPError as error:
+        return f"RabbitMQ: none answers at AMQP_URL ({error!r})"
+    erlang = "unknown (no rabbitmq-diagnostics for it here)"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["rabbitmq-diagnostics", "-q", "erlang_version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if done.returncode == 0:
+            erlang = done.stdout.strip()
+    return f"RabbitMQ {rabbitmq}, Erlang {erlang} (rabbitmq-diagnostics on its node)"
+
+
 def connect(url: str, name: str) -> pika.BlockingConnection:
     """A connection named for the test, so that the broker's lists tell whose it is."""
     parameters = pika.URLParameters(url)
