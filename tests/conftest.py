@@ -54,7 +54,7 @@ def server_version(url: str) -> str:
     """The version the broker at url gives in its connection handshake."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
-        return connection._impl.server_properties["version"].decode()
+        return str(connection._impl.server_properties["version"])
     finally:
         connection.close()
 
