@@ -94,7 +94,7 @@ def pytest_report_header(config: pytest.Config) -> str:
         )
         if done.returncode == 0:
             erlang = done.stdout.strip()
-    return f"RabbitMQ {rabbitmq}, Erlang {erlang} (rabbitmq-diagnostics on its node)"
+    return f"RabbitMQ {rabbitmq}; its node's Erlang (rabbitmq-diagnostics): {erlang}"
 
 
 def connect(url: str, name: str) -> pika.BlockingConnection:
