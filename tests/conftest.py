@@ -27,6 +27,7 @@ from pika.exceptions import AMQPError
 
 import rpc_client
 import rpc_server
+from tests import nodes
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = os.environ.get("AMQP_URL") or rpc_client.DEFAULT_URL
@@ -67,12 +68,16 @@ def rabbitmq_major(amqp_url: str) -> int:
 @pytest.fixture(autouse=True)
 def _only_on_its_version(request: pytest.FixtureRequest) -> None:
     """A test marked rabbitmq3 or rabbitmq4 holds for that major version only: skipped on
-    the other, saying so (scripts/test runs each on a broker of its version)."""
+    the other, saying so (scripts/test runs each on a broker of its version). The version
+    is the broker's at AMQP_URL, or for a test that starts nodes of its own, theirs."""
     for major in (3, 4):
         if request.node.get_closest_marker(f"rabbitmq{major}"):
-            found = request.getfixturevalue("rabbitmq_major")
+            if "amqp_url" in request.fixturenames:
+                found, where = request.getfixturevalue("rabbitmq_major"), "at AMQP_URL"
+            else:
+                found, where = nodes.rabbitmq_major(), "of the local rabbitmq-server"
             if found != major:
-                pytest.skip(f"RabbitMQ {major} behaviour; the broker at AMQP_URL is {found}.x")
+                pytest.skip(f"RabbitMQ {major} behaviour; the RabbitMQ {where} is {found}.x")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -84,7 +89,7 @@ def pytest_report_header(config: pytest.Config) -> str:
         rabbitmq = server_version(first + ("&" if "?" in first else "?") + "connection_attempts=1")
     except AMQPError as error:
         return f"RabbitMQ: none answers at AMQP_URL ({error!r})"
-    erlang = "unknown (no rabbitmq-diagnostics for it here)"
+    erlang = "unknown (rabbitmq-diagnostics does not reach its node)"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         done = subprocess.run(
             ["rabbitmq-diagnostics", "-q", "erlang_version"],

@@ -446,12 +446,25 @@ def test_queue_deleted_again_and_again_the_server_never_exits(
     cluster: list[Node], queue: str, start_servers
 ) -> None:
     """A 4.3 cluster may answer the server's consume with NOT_FOUND right after its own
-    declare (the delete not yet done everywhere): a race to retry, not a verdict."""
+    declare (deleted again meanwhile): a race to retry, not a verdict. It may also close
+    the connection (541 INTERNAL_ERROR): the server reconnects."""
     (server,) = start_servers(1)
-    for _ in range(20):
-        cluster[0].ctl("delete_queue", queue)
-        server.wait_for(READY, timeout=20)  # declared again and consuming again
-    assert server.process.poll() is None, server.stderr
+    connection = pika.BlockingConnection(pika.URLParameters(cluster[0].url))
+    for i in range(40):  # at times as the server declares it again, at times after
+        connection.channel().queue_delete(queue=queue)
+        time.sleep(0.05 * (i % 8))
+
+    def consumed() -> bool:
+        with (
+            contextlib.suppress(pika.exceptions.ChannelClosedByBroker),
+            connection.channel() as look,
+        ):
+            return look.queue_declare(queue=queue, passive=True).method.consumer_count == 1
+        return False
+
+    wait_until(consumed, 20, "the server declaring and consuming again")  # its backoff: 5 s
+    connection.close()
+    assert server.process.poll() is None, server.stderr[-1]
     with rpc_client.FibonacciRpcClient(cluster_url(cluster), timeout=10, queue=queue) as client:
         assert client.call(30) == 832040
 
@@ -477,9 +490,10 @@ def test_a_request_held_on_a_dead_node_is_answered_by_another_server_within_5_s(
         wait_until(lambda: unacked(cluster[0], queue) == 1, 10, "the request held")
         other = Server(["--queue", queue, "--url", cluster[0].url], env)
         other.wait_for(READY)  # a second server, come after the request was taken
-        cluster[1].kill()  # and kept down: restored by the queue fixture afterwards
         killed = time.monotonic()
-        for method, props, body in channel.consume(replies, auto_ack=True, inactivity_timeout=5):
+        cluster[1].kill()  # and kept down: restored by the queue fixture afterwards
+        wait = 5 - (time.monotonic() - killed)
+        for method, props, body in channel.consume(replies, auto_ack=True, inactivity_timeout=wait):
             assert method is not None, "not answered within 5 s of the node's death"
             assert (props.correlation_id, body) == ("held", b"832040")
             break
