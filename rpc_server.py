@@ -176,7 +176,15 @@ def serve(
         # the broker closes a connection silent for two heartbeat intervals.
         threading.Thread(target=work, args=(method.delivery_tag, props, n), daemon=True).start()
 
-    channel.basic_consume(queue=args.queue, on_message_callback=on_request)
+    try:
+        channel.basic_consume(queue=args.queue, on_message_callback=on_request)
+    except ChannelClosedByBroker as error:
+        if error.reply_code != 404:
+            raise
+        # NOTE: NOT_FOUND right after our own declare: deleted again meanwhile, as a
+        # cluster may; not a verdict on our settings, so declared again, as after a cancel.
+        LOGGER.warning("%r was deleted as we declared it; declaring it again", args.queue)
+        return
     print(" [x] Awaiting RPC requests", flush=True)
     look_at = time.monotonic() + 5
     while not signals and not cancelled:  # channel.start_consuming(), but these end it

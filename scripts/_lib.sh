@@ -1,6 +1,7 @@
 # Shared by scripts/demo and scripts/test: a virtual environment and a broker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+AMQP_URL_GIVEN="${AMQP_URL:+yes}"  # a broker of the user's choosing: scripts/test uses it alone
 export AMQP_URL="${AMQP_URL:-amqp://guest:guest@localhost:5672/%2F}"
 
 # make_venv REQUIREMENTS: .venv, created if missing, with REQUIREMENTS installed.

@@ -27,6 +27,7 @@ from pika.exceptions import AMQPError
 
 import rpc_client
 import rpc_server
+from tests import nodes
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = os.environ.get("AMQP_URL") or rpc_client.DEFAULT_URL
@@ -48,6 +49,57 @@ def amqp_url() -> str:
                     pytest.fail(message + "; CI needs one", pytrace=False)
                 pytest.skip(message)
             time.sleep(0.5)
+
+
+def server_version(url: str) -> str:
+    """The version the broker at url gives in its connection handshake."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return str(connection._impl.server_properties["version"])
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_major(amqp_url: str) -> int:
+    return int(server_version(amqp_url).split(".")[0])
+
+
+@pytest.fixture(autouse=True)
+def _only_on_its_version(request: pytest.FixtureRequest) -> None:
+    """A test marked rabbitmq3 or rabbitmq4 holds for that major version only: skipped on
+    the other, saying so (scripts/test runs each on a broker of its version). The version
+    is the broker's at AMQP_URL, or for a test that starts nodes of its own, theirs."""
+    for major in (3, 4):
+        if request.node.get_closest_marker(f"rabbitmq{major}"):
+            if "amqp_url" in request.fixturenames:
+                found, where = request.getfixturevalue("rabbitmq_major"), "at AMQP_URL"
+            else:
+                found, where = nodes.rabbitmq_major(), "of the local rabbitmq-server"
+            if found != major:
+                pytest.skip(f"RabbitMQ {major} behaviour; the RabbitMQ {where} is {found}.x")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which RabbitMQ and Erlang the integration tests run on."""
+    if "not integration" in (config.option.markexpr or ""):
+        return "RabbitMQ: none needed (-m 'not integration')"
+    first = URL.split(",")[0]
+    try:
+        rabbitmq = server_version(first + ("&" if "?" in first else "?") + "connection_attempts=1")
+    except AMQPError as error:
+        return f"RabbitMQ: none answers at AMQP_URL ({error!r})"
+    erlang = "unknown (rabbitmq-diagnostics does not reach its node)"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["rabbitmq-diagnostics", "-q", "erlang_version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if done.returncode == 0:
+            erlang = done.stdout.strip()
+    return f"RabbitMQ {rabbitmq}; its node's Erlang (rabbitmq-diagnostics): {erlang}"
 
 
 def connect(url: str, name: str) -> pika.BlockingConnection:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -63,6 +64,13 @@ def queue_info(nodes: list[Node], queue: str) -> dict:
         )
     )
     return next((info for info in listed if info["name"] == queue), {})
+
+
+def unacked(node: Node, queue: str) -> int:
+    listed = json.loads(
+        node.ctl("list_queues", "name", "messages_unacknowledged", "--formatter", "json")
+    )
+    return next((info["messages_unacknowledged"] for info in listed if info["name"] == queue), 0)
 
 
 def raft_states(node: Node, queue: str) -> dict[str, str]:
@@ -432,3 +440,66 @@ def test_queue_deleted_under_a_running_server_it_declares_and_consumes_again(
         server.wait_for(READY, timeout=10)  # declared again and consuming again
         assert sorted(queue_info(cluster, queue)["members"]) == sorted(n.name for n in cluster)
         assert client.call(30) == 832040
+
+
+def test_queue_deleted_again_and_again_the_server_never_exits(
+    cluster: list[Node], queue: str, start_servers
+) -> None:
+    """A 4.3 cluster may answer the server's consume with NOT_FOUND right after its own
+    declare (deleted again meanwhile): a race to retry, not a verdict. It may also close
+    the connection (541 INTERNAL_ERROR): the server reconnects."""
+    (server,) = start_servers(1)
+    connection = pika.BlockingConnection(pika.URLParameters(cluster[0].url))
+    for i in range(40):  # at times as the server declares it again, at times after
+        connection.channel().queue_delete(queue=queue)
+        time.sleep(0.05 * (i % 8))
+
+    def consumed() -> bool:
+        with (
+            contextlib.suppress(pika.exceptions.ChannelClosedByBroker),
+            connection.channel() as look,
+        ):
+            return look.queue_declare(queue=queue, passive=True).method.consumer_count == 1
+        return False
+
+    wait_until(consumed, 20, "the server declaring and consuming again")  # its backoff: 5 s
+    connection.close()
+    assert server.process.poll() is None, server.stderr[-1]
+    with rpc_client.FibonacciRpcClient(cluster_url(cluster), timeout=10, queue=queue) as client:
+        assert client.call(30) == 832040
+
+
+@pytest.mark.rabbitmq4
+def test_a_request_held_on_a_dead_node_is_answered_by_another_server_within_5_s(
+    cluster: list[Node], queue: str
+) -> None:
+    """RabbitMQ 4 keeps what a consumer on a lost node holds for consumer_disconnected_timeout
+    (60 s by default), in case the node is only cut off: tests/nodes.py sets 1 s, as the
+    README advises."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    holder = Server(["--queue", queue, "--url", cluster[1].url], env)
+    other = None
+    try:
+        holder.wait_for(READY)
+        holder.process.send_signal(signal.SIGSTOP)  # it takes the request and never answers
+        connection = pika.BlockingConnection(pika.URLParameters(cluster[0].url))
+        channel = connection.channel()
+        replies = channel.queue_declare(queue="", exclusive=True).method.queue
+        held = pika.BasicProperties(reply_to=replies, correlation_id="held")
+        channel.basic_publish(exchange="", routing_key=queue, properties=held, body=b"30")
+        wait_until(lambda: unacked(cluster[0], queue) == 1, 10, "the request held")
+        other = Server(["--queue", queue, "--url", cluster[0].url], env)
+        other.wait_for(READY)  # a second server, come after the request was taken
+        killed = time.monotonic()
+        cluster[1].kill()  # and kept down: restored by the queue fixture afterwards
+        wait = 5 - (time.monotonic() - killed)
+        for method, props, body in channel.consume(replies, auto_ack=True, inactivity_timeout=wait):
+            assert method is not None, "not answered within 5 s of the node's death"
+            assert (props.correlation_id, body) == ("held", b"832040")
+            break
+        print(f"\nanswered {time.monotonic() - killed:.1f} s after its holder's node died")
+        connection.close()
+    finally:
+        for server in (holder, other):
+            if server is not None:
+                server.kill()

@@ -195,13 +195,14 @@ def lose_publishes(monkeypatch: pytest.MonkeyPatch, queue: str, *lost: int) -> l
 
 
 # What a full queue with overflow reject-publish does: the broker refuses (nacks) each message.
+# NOTE: durable, as every queue here that is not exclusive: RabbitMQ 4 deprecates the others.
 FULL = {"x-max-length": 0, "x-overflow": "reject-publish"}
 
 
 def test_a_refused_request_is_sent_again_at_no_cost_and_the_timeout_names_the_refusal(
     amqp_url: str, broker, rpc_queue: str, monkeypatch
 ) -> None:
-    broker.queue_declare(queue=rpc_queue, arguments=FULL)
+    broker.queue_declare(queue=rpc_queue, durable=True, arguments=FULL)
     broker.basic_consume(queue=rpc_queue, on_message_callback=lambda *delivery: None)  # a "server"
     published = lose_publishes(monkeypatch, rpc_queue)
     refused = pytest.raises(rpc_client.RpcTimeoutError, match=r"; the broker refused it \(is the")
@@ -213,7 +214,7 @@ def test_a_refused_request_is_sent_again_at_no_cost_and_the_timeout_names_the_re
 def test_with_retries_0_a_refusal_sends_nothing_again_that_may_have_been_taken(
     amqp_url: str, broker, rpc_queue: str, monkeypatch
 ) -> None:
-    broker.queue_declare(queue=rpc_queue, arguments={**FULL, "x-max-length": 1})
+    broker.queue_declare(queue=rpc_queue, durable=True, arguments={**FULL, "x-max-length": 1})
     broker.basic_qos(prefetch_count=1)  # a "server" that holds the first and takes no more
     broker.basic_consume(queue=rpc_queue, on_message_callback=lambda *delivery: None)
     published = lose_publishes(monkeypatch, rpc_queue)
@@ -443,7 +444,7 @@ def test_replies_confirmed_several_at_once_ack_all_their_requests(
 def test_server_exits_when_the_queue_is_declared_otherwise(
     start_server, broker, rpc_queue: str
 ) -> None:
-    broker.queue_declare(queue=rpc_queue)  # a classic queue: ours must be quorum
+    broker.queue_declare(queue=rpc_queue, durable=True)  # classic: ours must be quorum
     server = start_server(ready=False)
     assert server.wait() == 1
     assert server.stderr[-1].startswith("rpc_server: the broker refused: ")
