@@ -1,16 +1,14 @@
 #!/usr/bin/env python
-"""RPC server of RabbitMQ tutorial 6 ("Remote procedure call"), for pika 1.x.
-
-It consumes rpc_queue, computes fib(n) and publishes the answer to the request's reply_to
-with its correlation_id; several servers share the load. Beyond the tutorial, for production:
-bad requests get an error reply, n is bounded, long work runs in a thread so that heartbeats
-flow, a request is acked once the broker confirms its reply, a lost node is replaced, and
-SIGINT/SIGTERM finish the requests in hand.
-"""
+"""RPC server of RabbitMQ tutorial 6 ("Remote procedure call"), for pika 1.x: it consumes
+rpc_queue and publishes fib(n) to each request's reply_to with its correlation_id. Beyond the
+tutorial, for production: bad requests get an error reply, n is bounded, long work runs in a
+thread, a request is acked once the broker confirms its reply, a lost node is replaced, and
+SIGINT/SIGTERM finish the requests in hand."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import logging
@@ -36,11 +34,8 @@ LOGGER = logging.getLogger("rpc_server")
 # NOTE: as the official tutorials now declare it (durable, quorum), so that theirs and ours
 # share it; a queue declared with other arguments fails with PRECONDITION_FAILED.
 QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
-# fib(20000) has 4180 digits, within the 4300 that Python converts to and from
-# text by default, and takes a few milliseconds.
-MAX_N = 20_000
-# seconds between reconnection attempts, at most; also how long a connection must last
-# for its loss to be retried at once
+MAX_N = 20_000  # fib(20000): 4180 digits, within the 4300 Python converts by default; ms
+# seconds between reconnections, at most; a connection lost older than this: at once
 BACKOFF_CAP = 5.0
 
 
@@ -65,14 +60,12 @@ def parse_request(body: bytes, max_n: int) -> int:
     return int(text)
 
 
-def reply_address(reply_to: str | bytes) -> tuple[str, str | bytes]:
-    """The exchange and routing key of a reply_to: a queue's name, or an AMQP 1.0 address
-    (v2), which RabbitMQ 4.0 hands on from an AMQP 1.0 requester as it is. (pika gives
-    bytes for a reply_to that is not UTF-8: str() makes it match nothing.)"""
-    if match := re.fullmatch(r"/queues/([^/]+)|/exchanges/([^/]+)(?:/([^/]*))?", str(reply_to)):
-        queue, exchange, key = (unquote(part or "") for part in match.groups())
-        return (exchange, key) if match.group(2) else ("", queue)
-    return "", reply_to
+def reply_queue(reply_to: str | bytes) -> str | bytes:
+    """NAME from an AMQP 1.0 address /queues/NAME (percent-encoded), as RabbitMQ 4.0 hands
+    it on from an AMQP 1.0 requester; else reply_to. NOTE: not /exchanges/...: a reply to
+    an exchange that does not exist would cost us the channel, at each delivery."""
+    match = re.fullmatch("/queues/([^/]+)", str(reply_to))  # bytes, if not UTF-8: no match
+    return unquote(match.group(1)) if match else reply_to
 
 
 def answer(n: int) -> tuple[str | None, bytes]:
@@ -110,10 +103,9 @@ def serve(
     channel = open_queue(connection, args.queue)
     channel.basic_qos(prefetch_count=args.prefetch)
     in_hand: set[int] = set()  # delivery tags of requests not yet acked
-    # NOTE: a request is acked once the broker confirms its reply, so that a server whose
-    # node dies between the two leaves it to be redelivered, never lost. The confirms are
-    # taken as they come, on pika's asynchronous channel under the blocking one (whose
-    # confirm_delivery() would make each publish wait): the server goes on meanwhile.
+    # NOTE: a request is acked once the broker confirms its reply: a server whose node dies
+    # between the two leaves it to be redelivered. Confirms are taken as they come, on the
+    # channel underneath: BlockingChannel.confirm_delivery() makes each publish wait.
     pika_channel = channel._impl
     unconfirmed: dict[int, tuple[int, str | None]] = {}  # reply's number -> request's tag, id
     numbers = itertools.count(1)  # the broker numbers a channel's publishes from 1
@@ -141,7 +133,7 @@ def serve(
         corr_id = props.correlation_id or props.message_id
         properties = pika.BasicProperties(correlation_id=corr_id, type=kind)
         # Only queued here, sent by the I/O loop: its confirm cannot come before it is recorded.
-        pika_channel.basic_publish(*reply_address(props.reply_to), body, properties)
+        pika_channel.basic_publish("", reply_queue(props.reply_to), body, properties)
         unconfirmed[next(numbers)] = (delivery_tag, corr_id)
 
     def work(delivery_tag: int, props: pika.BasicProperties, n: int) -> None:
@@ -171,21 +163,15 @@ def serve(
         if n <= MAX_N:  # milliseconds of work: a thread would cost a quarter of the rate
             reply(method.delivery_tag, props, *answer(n))
             return
-        # NOTE: longer work (a raised --max-n) runs in a thread, as in pika's
-        # basic_consumer_threaded.py, so that this one goes on answering heartbeats:
-        # the broker closes a connection silent for two heartbeat intervals.
+        # NOTE: longer work (a raised --max-n) runs in a thread, as in pika's threaded consumer
+        # example, so that heartbeats flow: the broker closes a connection silent for two.
         threading.Thread(target=work, args=(method.delivery_tag, props, n), daemon=True).start()
 
-    try:
+    # NOTE: a channel the broker closes says so only at its next blocking call: asked here.
+    pika_channel.add_on_close_callback(lambda _, reason: cancelled.append(reason))
+    with contextlib.suppress(ChannelClosedByBroker):  # the reason is in cancelled
         channel.basic_consume(queue=args.queue, on_message_callback=on_request)
-    except ChannelClosedByBroker as error:
-        if error.reply_code != 404:
-            raise
-        # NOTE: NOT_FOUND right after our own declare: deleted again meanwhile, as a
-        # cluster may; not a verdict on our settings, so declared again, as after a cancel.
-        LOGGER.warning("%r was deleted as we declared it; declaring it again", args.queue)
-        return
-    print(" [x] Awaiting RPC requests", flush=True)
+        print(" [x] Awaiting RPC requests", flush=True)
     look_at = time.monotonic() + 5
     while not signals and not cancelled:  # channel.start_consuming(), but these end it
         connection.process_data_events(time_limit=1)
@@ -196,13 +182,18 @@ def serve(
                     look.queue_declare(queue=args.queue, passive=True)
             except ChannelClosedByBroker as error:  # NOT_FOUND: our consumer is gone with it
                 cancelled.append(error)
+    # NOTE: NOT_FOUND: the queue deleted again as we declared it, as a cluster may; any other
+    # reason (ACCESS_REFUSED to a reply, say) is a verdict that retrying cannot change.
+    if not channel.is_open and getattr(cancelled[-1], "reply_code", None) != 404:
+        raise cancelled[-1]
     if cancelled:
         LOGGER.warning("our consumer was cancelled, or its queue deleted; declaring it again")
     else:
         channel.stop_consuming()  # requests not yet handed to us go back to the queue
     while in_hand and channel.is_open:  # the replies' confirms too
         connection.process_data_events(time_limit=1)
-    channel.close()
+    if channel.is_open:
+        channel.close()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -211,18 +202,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--url", default=os.environ.get("AMQP_URL") or DEFAULT_URL, help=URL_HELP)
     parser.add_argument(
-        "--queue", default="rpc_queue", help="queue to consume (default: %(default)s)"
+        "--queue", default="rpc_queue", help="queue to consume (default: rpc_queue)"
     )
     parser.add_argument(
         "--prefetch",
         type=int,
         default=1,
-        help="requests this server holds unacknowledged at once; 1 spreads slow calls fairly "
-        "(default: %(default)s)",
+        help="requests held unacknowledged at once; 1 spreads slow calls fairly (default: 1)",
     )
-    parser.add_argument(
-        "--max-n", type=int, default=MAX_N, help="largest n answered (default: %(default)s)"
-    )
+    parser.add_argument("--max-n", type=int, default=MAX_N, help="largest n (default: %(default)s)")
     volume = parser.add_mutually_exclusive_group()
     volume.add_argument("-q", "--quiet", action="store_true", help="print no [.] line per request")
     volume.add_argument("-v", "--verbose", action="store_true", help="log debug detail, pika's too")
@@ -287,9 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"rpc_server: the broker refused: {error!r}", file=sys.stderr)
             return 1
         except AMQPConnectionError as error:
-            # NOTE: after a node that served a while is lost, the next node is tried at
-            # once; a connection lost soon after it was made (a message that pika cannot
-            # decode, a failing node) backs off.
+            # NOTE: after a node that served a while, the next is tried at once; a connection
+            # lost soon after it was made (a message pika cannot decode, say) backs off.
             soon = time.monotonic() - connected_at < BACKOFF_CAP
             failures = failures + 1 if soon else 0
             LOGGER.warning("connection lost (%r)", error)

@@ -295,10 +295,10 @@ MUTANTS = [
         "test_cluster.py::test_queue_deleted_under_a_running_server_it_declares_and_consumes_again",
     ),
     (
-        "an AMQP 1.0 reply-to address (v2) is a queue or an exchange and key",
+        "an AMQP 1.0 reply-to address (/queues/NAME) is that queue",
         S,
-        "*reply_address(props.reply_to), body",
-        '"", props.reply_to, body',
+        "reply_queue(props.reply_to), body",
+        "props.reply_to, body",
         "test_integration.py::test_a_reply_to_given_as_an_amqp_1_0_address_gets_the_reply",
     ),
 ]

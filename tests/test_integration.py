@@ -496,15 +496,13 @@ def test_other_requesters_get_their_reply(
     assert got == [(expected_id, b"832040")]
 
 
-@pytest.mark.parametrize("address", ["/queues/{}", "/exchanges/amq.direct/{}"])
 def test_a_reply_to_given_as_an_amqp_1_0_address_gets_the_reply(
-    start_server, broker, rpc_queue: str, address: str
+    start_server, broker, rpc_queue: str
 ) -> None:
     start_server()
     replies = f"replies/{rpc_queue} x"  # a slash and a space: percent-encoded in the address
     broker.queue_declare(queue=replies, exclusive=True)
-    broker.queue_bind(replies, "amq.direct", routing_key=replies)
-    reply_to = address.format(quote(replies, safe=""))
+    reply_to = f"/queues/{quote(replies, safe='')}"
     asking = pika.BasicProperties(reply_to=reply_to, correlation_id="v2")
     broker.basic_publish(exchange="", routing_key=rpc_queue, properties=asking, body=b"30")
     for method, properties, body in broker.consume(replies, auto_ack=True, inactivity_timeout=20):
