@@ -9,6 +9,7 @@ URLs, which each shuffles. The promise under test: no call lost, none answered
 wrongly, none later than its timeout (RpcTimeoutError would say so), and no
 NoServerError while servers reconnect. The memory and disk alarms are raised on a
 single node of its own (alarm1@localhost, port 5685), so that they disturb nothing else.
+On RabbitMQ 4 the nodes set consumer_disconnected_timeout low (tests/nodes.py).
 """
 
 from __future__ import annotations
