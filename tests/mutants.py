@@ -301,6 +301,27 @@ MUTANTS = [
         "props.reply_to, body",
         "test_integration.py::test_a_reply_to_given_as_an_amqp_1_0_address_gets_the_reply",
     ),
+    (
+        "a reply the account may not publish stops the server: exit 1, the reason in one line",
+        S,
+        'if not channel.is_open and getattr(cancelled[-1], "reply_code", None) != 404:',
+        "if False:",
+        "test_security.py::test_each_grant_of_the_minimum_is_needed",
+    ),
+    (
+        "NOT_FOUND as the server declares and consumes: declared again, never an exit",
+        S,
+        'getattr(cancelled[-1], "reply_code", None) != 404',
+        "True",
+        "test_cluster.py::test_queue_deleted_again_and_again_the_server_never_exits",
+    ),
+    (
+        "--verbose logs pika's debug detail (and never the password)",
+        C,
+        "level = logging.DEBUG if args.verbose else logging.WARNING",
+        "level = logging.WARNING",
+        "test_security.py::test_debug_logs_do_not_show_the_password",
+    ),
 ]
 
 
