@@ -9,16 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
+import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import IO
 
 import pika
 import pytest
@@ -26,12 +23,18 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPError
 
 import rpc_client
-import rpc_server
 from tests import nodes
-
-ROOT = Path(__file__).resolve().parent.parent
-URL = os.environ.get("AMQP_URL") or rpc_client.DEFAULT_URL
-READY = " [x] Awaiting RPC requests"
+from tests.support import (
+    READY,
+    ROOT,
+    URL,
+    Foreign,
+    Requester,
+    Server,
+    connect,
+    fail_or_skip,
+)
+from tests.tcp_proxy import TcpProxy
 
 
 @pytest.fixture(scope="session")
@@ -44,10 +47,7 @@ def amqp_url() -> str:
             return URL
         except AMQPError as error:
             if time.monotonic() > deadline:
-                message = f"no RabbitMQ broker answers at AMQP_URL (or localhost): {error!r}"
-                if os.environ.get("CI") == "true":
-                    pytest.fail(message + "; CI needs one", pytrace=False)
-                pytest.skip(message)
+                fail_or_skip(f"no RabbitMQ broker answers at AMQP_URL (or localhost): {error!r}")
             time.sleep(0.5)
 
 
@@ -102,13 +102,6 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"RabbitMQ {rabbitmq}; its node's Erlang (rabbitmq-diagnostics): {erlang}"
 
 
-def connect(url: str, name: str) -> pika.BlockingConnection:
-    """A connection named for the test, so that the broker's lists tell whose it is."""
-    parameters = pika.URLParameters(url)
-    parameters.client_properties = {"connection_name": name}
-    return pika.BlockingConnection(parameters)
-
-
 @pytest.fixture
 def broker(amqp_url: str, request: pytest.FixtureRequest) -> Iterator[BlockingChannel]:
     """A channel of the test's own, for declaring, publishing and inspecting."""
@@ -126,73 +119,6 @@ def rpc_queue(amqp_url: str) -> Iterator[str]:
     connection = connect(amqp_url, f"cleanup {name}")
     connection.channel().queue_delete(queue=name)
     connection.close()
-
-
-class Server:
-    """A `python rpc_server.py` process, its output lines collected as they come."""
-
-    def __init__(self, args: list[str], env: dict[str, str], code: str = "") -> None:
-        # code: Python run in the script's place, to make a server of the script's parts.
-        program = [sys.executable, "-c", code] if code else [sys.executable, ROOT / "rpc_server.py"]
-        self.process = subprocess.Popen(
-            [*program, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            start_new_session=True,  # its worker process goes with it in kill()
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self.readers = [
-            threading.Thread(target=self._read, args=(stream, seen), daemon=True)
-            for stream, seen in (
-                (self.process.stdout, self.stdout),
-                (self.process.stderr, self.stderr),
-            )
-        ]
-        for reader in self.readers:
-            reader.start()
-
-    def _read(self, stream: IO[str], seen: list[str]) -> None:
-        for line in stream:
-            seen.append(line.rstrip("\n"))
-            if stream is self.process.stdout:
-                self.lines.put(line.rstrip("\n"))
-
-    def wait_for(self, wanted: str, timeout: float = 20) -> None:
-        """Wait until the server prints a line starting with wanted."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if self.lines.get(timeout=0.1).startswith(wanted):
-                    return
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
-        raise AssertionError(f"server never printed {wanted!r}; stderr: {self.stderr}")
-
-    def wait(self, timeout: float = 20) -> int:
-        """Wait for the process to exit and for all it printed; return its exit status."""
-        status = self.process.wait(timeout)
-        for reader in self.readers:
-            reader.join(timeout)
-        return status
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.wait(timeout)
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        """SIGKILL the server and its worker process, if they still run."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
 
 
 @pytest.fixture
@@ -236,71 +162,89 @@ def _restore_what_main_changes() -> Iterator[None]:
     sys.set_int_max_str_digits(int_digits)
 
 
-def run_script(name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run one of the scripts; AMQP_URL is not passed on, so --url must say where."""
-    return subprocess.run(
-        [sys.executable, str(ROOT / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={k: v for k, v in os.environ.items() if k != "AMQP_URL"},
-    )
+# --- fixtures --------------------------------------------------------------------------
 
 
-def digits(n: int) -> bytes:
-    """fib(n) in decimal digits, as a server sends it, however many digits it has."""
-    limit = sys.get_int_max_str_digits()
-    sys.set_int_max_str_digits(0)
+@pytest.fixture
+def proxies(amqp_url: str) -> Iterator[list[TcpProxy]]:
+    """Two TCP proxies to the broker: as far as a script can tell, two nodes."""
+    parameters = pika.URLParameters(amqp_url)
+    pair = [TcpProxy((parameters.host, parameters.port)) for _ in range(2)]
+    yield pair
+    for tcp_proxy in pair:
+        tcp_proxy.close()
+
+
+@pytest.fixture
+def requester(amqp_url: str, rpc_queue: str, request: pytest.FixtureRequest) -> Iterator[Requester]:
+    sender = Requester(amqp_url, rpc_queue, f"requester {request.node.name}")
+    yield sender
+    sender.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmqctl(amqp_url: str) -> Callable[..., str]:
+    """Run rabbitmqctl against the broker the tests use; skip (fail in CI) where it cannot."""
+
+    def run(*args: str, timeout: float = 120) -> str:
+        done = subprocess.run(
+            ["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout
+        )
+        assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stderr.strip()}"
+        return done.stdout
+
+    if shutil.which("rabbitmqctl") is None:
+        fail_or_skip("rabbitmqctl is not on PATH, so the broker cannot be restarted or inspected")
+    # The node rabbitmqctl reaches must be the one at AMQP_URL: it lists our probe.
+    probe = f"rabbitmqctl probe {uuid.uuid4().hex}"
+    with connect(amqp_url, probe):
+        try:
+            listed = run("-q", "list_connections", "client_properties", timeout=30)
+        except (AssertionError, OSError, subprocess.SubprocessError) as error:
+            fail_or_skip(f"rabbitmqctl cannot reach the broker: {error}")
+    if probe not in listed:
+        fail_or_skip("rabbitmqctl manages another broker than the one at AMQP_URL")
+    return run
+
+
+@pytest.fixture
+def foreign_headers(monkeypatch: pytest.MonkeyPatch) -> None:
+    encode_value = pika.data.encode_value
+
+    def encode(pieces: list[bytes], value: object) -> int:
+        if isinstance(value, Foreign):
+            pieces.append(bytes(value))
+            return len(value)
+        return encode_value(pieces, value)
+
+    monkeypatch.setattr(pika.data, "encode_value", encode)
+
+
+# --- broker restart ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def durable_reply_queue(amqp_url: str, rpc_queue: str) -> Iterator[str]:
+    """A reply queue that outlives a broker restart, as an exclusive one does not."""
+    name = f"{rpc_queue}_replies"
+    yield name
+    with connect(amqp_url, f"cleanup {name}") as connection:
+        connection.channel().queue_delete(queue=name)
+
+
+# --- secrets -----------------------------------------------------------------
+
+
+@pytest.fixture
+def marked_user(rabbitmqctl) -> Iterator[tuple[str, str]]:
+    """A broker user whose password is a unique marker, deleted afterwards."""
+    user, password = f"rpc_test_{uuid.uuid4().hex[:12]}", f"secret{uuid.uuid4().hex}"
+    rabbitmqctl("add_user", user, password)
     try:
-        return str(rpc_server.fib(n)).encode()
+        rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+        yield user, password
     finally:
-        sys.set_int_max_str_digits(limit)
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll condition until it holds; fail, saying what did not happen, after timeout s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
-
-
-def request(
-    channel: BlockingChannel, queue: str, body: bytes, timeout: float = 20, **props: object
-) -> tuple[pika.BasicProperties, bytes]:
-    """Publish body to queue with a private reply queue; return the reply's properties and body."""
-    reply_queue = channel.queue_declare(queue="", exclusive=True).method.queue
-    corr_id = str(uuid.uuid4())
-    channel.basic_publish(
-        exchange="",
-        routing_key=queue,
-        properties=pika.BasicProperties(reply_to=reply_queue, correlation_id=corr_id, **props),
-        body=body,
-    )
-    for method, properties, reply in channel.consume(
-        reply_queue, auto_ack=True, inactivity_timeout=timeout
-    ):
-        channel.cancel()
-        assert method is not None, f"no reply to {body[:40]!r} within {timeout} s"
-        assert properties.correlation_id == corr_id
-        return properties, reply
-    raise AssertionError("unreachable")
-
-
-def stray_reply(
-    channel: BlockingChannel,
-    queue: str,
-    corr_id: str | None,
-    body: bytes = b"999",
-    **props: object,
-) -> None:
-    """Publish into a client's callback queue a reply it is not waiting for."""
-    channel.basic_publish(
-        exchange="",
-        routing_key=queue,
-        properties=pika.BasicProperties(correlation_id=corr_id, **props),
-        body=body,
-    )
+        rabbitmqctl("delete_user", user)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -19,7 +19,11 @@ import pytest
 from pika.exceptions import ChannelClosedByBroker
 
 import rpc_server
-from tests.conftest import ROOT, connect, run_script
+from tests.support import (
+    ROOT,
+    connect,
+    run_script,
+)
 
 BENCH = "bench/rpc_bench.py"
 PAIRS = ["tutorial pair", "tutorial made safe", "aio-pika RPC", "this pair"]

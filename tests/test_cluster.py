@@ -21,31 +21,31 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from urllib.parse import quote
 
 import pika
 import pytest
 
 import rpc_client
 import rpc_server
-from tests.cluster_load import expected_answers
-from tests.conftest import READY, ROOT, Server, run_script, wait_until
 from tests.nodes import CLUSTER_PORTS, Node, start_cluster
+from tests.support import (
+    READY,
+    Load,
+    Server,
+    fail_or_skip,
+    named,
+    run_script,
+    wait_until,
+)
 
 pytestmark = pytest.mark.local_rabbitmq
 
-ANSWERS = expected_answers()
+ANSWERS = [rpc_server.fib(n) for n in range(301)]
 ALARM_PORT = 5685
-
-
-def named(url: str, name: str) -> str:
-    """url naming its connection, so that the broker's list of connections tells whose it is."""
-    return f"{url}?client_properties=" + quote(repr({"connection_name": name}))
 
 
 def cluster_url(nodes: list[Node], name: str | None = None) -> str:
@@ -124,10 +124,9 @@ def node_of(nodes: list[Node], connection_name: str) -> Node:
 def need_rabbitmq_server() -> None:
     """Skip without a local rabbitmq-server, or fail loudly in CI, which must have one."""
     if shutil.which("rabbitmq-server") is None:
-        message = "rabbitmq-server is not installed: these tests start RabbitMQ nodes of their own"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + "; CI needs it", pytrace=False)
-        pytest.skip(message)
+        fail_or_skip(
+            "rabbitmq-server is not installed: these tests start RabbitMQ nodes of their own"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -185,42 +184,6 @@ def start_servers(cluster: list[Node], queue: str) -> Iterator[Callable[..., lis
     yield start
     for server in servers:
         server.kill()
-
-
-class Load:
-    """A `python -m tests.cluster_load` process: one client calling in a loop."""
-
-    def __init__(self, url: str, queue: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.cluster_load", url, queue, "--seconds", "150"],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={k: v for k, v in os.environ.items() if k != "AMQP_URL"},
-        )
-        assert self.process.stdout is not None
-        ready = self.process.stdout.readline()
-        assert ready == "ready\n", f"the load process did not start: {self.killed_stderr()}"
-
-    def killed_stderr(self) -> str:
-        self.process.kill()
-        return self.process.communicate()[1]
-
-    def finish(self) -> dict:
-        """Stop calling; return the summary, with the warnings the client logged."""
-        out, err = self.process.communicate(input="", timeout=60)
-        assert self.process.returncode == 0, err
-        summary = json.loads(out.splitlines()[-1])
-        summary["lost"] = err.count("connection lost during a call")
-        summary["refused"] = err.count("the broker refused a request")
-        return summary
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.communicate()
 
 
 def run_loads(url: str, queue: str, count: int, disturb: Callable[[], None]) -> list[dict]:

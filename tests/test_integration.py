@@ -18,7 +18,14 @@ from pika.exceptions import StreamLostError
 
 import rpc_client
 import rpc_server
-from tests.conftest import connect, digits, request, run_script, stray_reply, wait_until
+from tests.support import (
+    connect,
+    digits,
+    request,
+    run_script,
+    stray_reply,
+    wait_until,
+)
 from tests.tcp_proxy import TcpProxy
 
 LONG_N = 600_000  # about two seconds of a server's work: a request in hand

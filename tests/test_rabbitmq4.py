@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_faults import Foreign, Requester, foreign_headers, queued, requester
-
-__all__ = ["foreign_headers", "requester"]  # fixtures, shared with tests/test_faults.py
+from tests.support import (
+    Foreign,
+    Requester,
+    queued,
+)
 
 
 @pytest.mark.rabbitmq4

@@ -7,7 +7,9 @@ import subprocess
 
 import yaml
 
-from tests.conftest import ROOT
+from tests.support import (
+    ROOT,
+)
 
 
 def test_compose_file_runs_a_current_rabbitmq_with_a_healthcheck() -> None:

@@ -21,8 +21,14 @@ import pika
 import pytest
 import trustme
 
-from tests.conftest import READY, Server, run_script, wait_until
 from tests.nodes import Node
+from tests.support import (
+    READY,
+    Server,
+    fail_or_skip,
+    run_script,
+    wait_until,
+)
 
 pytestmark = pytest.mark.local_rabbitmq
 
@@ -159,10 +165,7 @@ def nodes(pki: Pki) -> Iterator[dict[str, Node]]:
     required), started together; stopped and removed at the end of the session."""
     missing = [tool for tool in ("rabbitmq-server", "rabbitmqctl") if shutil.which(tool) is None]
     if missing:
-        message = f"{' and '.join(missing)} not found: these tests start RabbitMQ nodes"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + "; CI needs them", pytrace=False)
-        pytest.skip(message)
+        fail_or_skip(f"{' and '.join(missing)} not found: these tests start RabbitMQ nodes")
     started = {
         "tls": make_tls_node("tls1", PLAIN_PORT, pki.ca),
         "mtls": make_tls_node(

@@ -9,7 +9,9 @@ import pytest
 
 import rpc_client
 import rpc_server
-from tests.conftest import ROOT
+from tests.support import (
+    ROOT,
+)
 
 
 @pytest.mark.parametrize(

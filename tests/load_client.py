@@ -1,6 +1,6 @@
-"""Load for the cluster tests: one client process calling fib(n) again and again.
+"""Load for the tests: one client process calling fib(n) again and again.
 
-    python -m tests.cluster_load URLS QUEUE [--seconds S] [--calls N]
+    python -m tests.load_client URLS QUEUE [--seconds S] [--calls N] [--ns N,N,...]
 
 It prints "ready" once connected, calls until its stdin closes or a bound is reached
 (--seconds, --calls), then prints a JSON summary: calls, answers, wrong answers, errors
@@ -19,15 +19,7 @@ import time
 from collections import Counter
 
 import rpc_client
-
-LARGEST_N = 300
-
-
-def expected_answers() -> list[int]:
-    answers = [0, 1]
-    while len(answers) <= LARGEST_N:
-        answers.append(answers[-1] + answers[-2])
-    return answers
+import rpc_server
 
 
 def main(argv: list[str]) -> int:
@@ -37,13 +29,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--pause", type=float, default=0.005, help="seconds between calls")
+    parser.add_argument("--ns", default="0-300", help="the n to call, at random: N,N,... or A-B")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.CRITICAL)
     stop = threading.Event()
     # The test closes our stdin when it has seen enough.
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-    answers = expected_answers()
+    first, _, last = args.ns.partition("-")
+    ns = range(int(first), int(last) + 1) if last else [int(n) for n in args.ns.split(",")]
+    answers = {n: rpc_server.fib(n) for n in ns}
     calls, answered, worst = 0, 0, 0.0
     wrong: list[str] = []
     errors: Counter[str] = Counter()
@@ -52,7 +47,7 @@ def main(argv: list[str]) -> int:
     with rpc_client.FibonacciRpcClient(args.urls, timeout=10, queue=args.queue) as client:
         print("ready", flush=True)
         while not stop.is_set() and calls < args.calls and time.monotonic() < end:
-            n = random.randint(0, LARGEST_N)
+            n = random.choice(ns)
             calls += 1
             started = time.monotonic()
             try:
