@@ -50,8 +50,7 @@ def fib(n: int) -> int:
 def parse_request(body: bytes, max_n: int) -> int:
     """Return n from a request body; raise ValueError saying what is wrong."""
     text = body.decode("utf-8", errors="replace").strip()
-    # The length first, so that a huge body is never parsed; isascii: int() would
-    # also take "+5", "1_0" and non-ASCII digits.
+    # The length first: a huge body is never parsed; isascii: int() takes "+5", "1_0", "٣".
     if not (
         len(text) <= len(str(max_n)) and text.isascii() and text.isdigit() and int(text) <= max_n
     ):
@@ -187,7 +186,8 @@ def serve(
     if not channel.is_open and getattr(cancelled[-1], "reply_code", None) != 404:
         raise cancelled[-1]
     if cancelled:
-        LOGGER.warning("our consumer was cancelled, or its queue deleted; declaring it again")
+        why = getattr(cancelled[-1], "reply_text", "the broker cancelled it")  # else NOT_FOUND
+        LOGGER.warning("our consumer was cancelled (%s); declaring the queue again", why)
     else:
         channel.stop_consuming()  # requests not yet handed to us go back to the queue
     while in_hand and channel.is_open:  # the replies' confirms too

@@ -70,6 +70,7 @@ def main(argv: list[str]) -> int:
         "errors": dict(errors),
         "first_errors": first_errors,
         "worst": round(worst, 3),
+        "stopped": stop.is_set(),  # by the test (its stdin closed), not by a bound
     }
     print(json.dumps(summary), flush=True)
     return 0
