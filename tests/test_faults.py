@@ -28,6 +28,8 @@ from tests.support import (
     connect,
     digits,
     free_port,
+    named,
+    our_connections,
     queued,
     reconnect_delays,
     run_script,
@@ -252,17 +254,18 @@ def test_client_loses_its_connection_during_a_call(
         assert client.call(10) == 55
 
 
+@pytest.mark.local_rabbitmq
 def test_an_idle_client_whose_connection_the_broker_closed_reconnects_at_no_cost(
-    start_server, amqp_url: str, rpc_queue: str
+    start_server, amqp_url: str, rpc_queue: str, rabbitmqctl
 ) -> None:
     start_server()
-    heartbeat = 1  # seconds: the broker closes a connection silent for two of them
-    with rpc_client.FibonacciRpcClient(
-        with_query(amqp_url, f"heartbeat={heartbeat}"), queue=rpc_queue, retries=0
-    ) as client:
+    marker = f"idle {rpc_queue}"
+    url = with_query(named(amqp_url, marker), "heartbeat=2")  # closed when silent for two
+    with rpc_client.FibonacciRpcClient(url, queue=rpc_queue, retries=0) as client:
         assert client.call(10) == 55
         idle = client.connection
-        time.sleep(4 * heartbeat)  # no I/O at all: no heartbeats from us
+        # No I/O at all meanwhile: no heartbeats from us, until the broker has closed it.
+        wait_until(lambda: our_connections(rabbitmqctl, marker) == (0, 0), 60, "closed")
         assert client.call(30) == 832040  # retries=0, yet no RpcConnectionError
         assert client.connection is not idle  # it was closed, and replaced before sending
 
