@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 BASE = Path(tempfile.gettempdir()) / "rpc-rabbitmq-nodes"
-CLUSTER_PORTS = (5681, 5682, 5683)
+CLUSTER_PORTS = (5781, 5782, 5783)  # not the compose cluster's 5681-5683
 # NOTE: RabbitMQ 4 keeps the requests a consumer on a lost node holds until this
 # many ms have passed (60 s by default), in case the node is only cut off; then
 # another server gets them. RabbitMQ 3 returns them at once and rejects the key.
@@ -34,7 +34,7 @@ def rabbitmq_major() -> int:
 
 
 class Node:
-    """One RabbitMQ node, c1@localhost on port 5681 say, with its data under BASE."""
+    """One RabbitMQ node, c1@localhost on port 5781 say, with its data under BASE."""
 
     def __init__(self, name: str, port: int, config: str = "") -> None:
         self.name = f"{name}@localhost"
