@@ -9,6 +9,7 @@ are marked disruptive; the cluster's faults are in test_cluster.py.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
@@ -306,6 +307,24 @@ def test_a_deleted_callback_queue_is_a_lost_connection_and_the_next_call_reconne
             lambda: client.connection.process_data_events(0) or client.broken, 10, "the cancel"
         )
         assert client.call(10) == 55
+
+
+def test_with_retries_1_a_call_whose_callback_queue_is_deleted_is_sent_again_and_answered(
+    start_server, amqp_url: str, rpc_queue: str, rabbitmqctl
+) -> None:
+    server = start_server("--max-n", "600000", "--prefetch", "2")
+    sys.set_int_max_str_digits(0)  # to read the answer's 125,000 digits (conftest restores it)
+    with rpc_client.FibonacciRpcClient(amqp_url, timeout=60, queue=rpc_queue, retries=1) as client:
+        outcome: list[object] = []
+        caller = threading.Thread(target=lambda: outcome.append(catch(client.call, 600000)))
+        caller.start()
+        server.wait_for(" [.] fib(600000)")
+        first = client.callback_queue
+        rabbitmqctl("delete_queue", first)
+        caller.join(60)
+        assert outcome == [rpc_server.fib(600000)]
+        assert client.callback_queue != first  # answered on a new connection
+        assert server.stdout.count(" [.] fib(600000)") == 2  # sent again, computed again
 
 
 def test_a_long_computation_does_not_cost_the_server_its_connection(
