@@ -259,7 +259,7 @@ def test_stray_and_duplicate_replies_are_ignored(start_server, broker, client, m
 
 
 def test_the_first_reply_wins_over_a_duplicate(broker, client, rpc_queue: str, monkeypatch) -> None:
-    broker.queue_declare(queue=rpc_queue)
+    broker.queue_declare(queue=rpc_queue, durable=True)  # 4.x deprecates transient ones
     send = client.send
 
     def send_and_answer_twice(request: rpc_client.Request) -> None:  # as a faulty server
