@@ -26,6 +26,7 @@ import rpc_client
 from tests import nodes
 from tests.support import (
     READY,
+    Amqp10Requester,
     ROOT,
     URL,
     Foreign,
@@ -178,6 +179,14 @@ def proxies(amqp_url: str) -> Iterator[list[TcpProxy]]:
 @pytest.fixture
 def requester(amqp_url: str, rpc_queue: str, request: pytest.FixtureRequest) -> Iterator[Requester]:
     sender = Requester(amqp_url, rpc_queue, f"requester {request.node.name}")
+    yield sender
+    sender.close()
+
+
+@pytest.fixture
+def amqp10(amqp_url: str, rpc_queue: str) -> Iterator[Amqp10Requester]:
+    """A requester to the test's queue over AMQP 1.0 (RabbitMQ 4: mark the test rabbitmq4)."""
+    sender = Amqp10Requester(amqp_url, rpc_queue)
     yield sender
     sender.close()
 

@@ -28,6 +28,16 @@ import pika
 import pika.data
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
+from rabbitmq_amqp_python_client import (
+    AddressHelper,
+    AMQPMessagingHandler,
+    AmqpUri,
+    ClassicQueueSpecification,
+    ConsumerOptions,
+    ConsumerSettleStrategy,
+    Environment,
+    Message,
+)
 
 import rpc_client
 import rpc_server
@@ -264,6 +274,84 @@ class Requester:
     def close(self) -> None:
         if self.connection.is_open:
             self.connection.close()
+
+
+class Amqp10Requester:
+    """A requester speaking AMQP 1.0, with RabbitMQ's own client (RabbitMQ 4 only)."""
+
+    def __init__(self, url: str, queue: str) -> None:
+        parameters = pika.URLParameters(url.split(",")[0])
+        credentials = parameters.credentials
+        # NOTE: its URI parser does not decode the vhost /%2F; the fields are passed as such.
+        uri = AmqpUri(
+            host=parameters.host,
+            port=parameters.port,
+            user=credentials.username,
+            password=credentials.password,
+            vhost=parameters.virtual_host,
+        )
+        self.environment = Environment(amqp_uri=uri)
+        self.connection = self.environment.connection()
+        self.connection.dial()
+        self.queue = queue
+
+    def reply_queue(self, name: str) -> str:
+        """Declare a queue of that name for replies, exclusive to this connection."""
+        spec = ClassicQueueSpecification(name=name, is_exclusive=True, is_durable=False)
+        self.connection.management().declare_queue(spec)
+        return name
+
+    def call(
+        self, body: bytes, reply_to: str | None = None, timeout: float = 10
+    ) -> tuple[str, Message]:
+        """Send body with a message_id and no correlation_id; return the id and the reply.
+        The reply is read from reply_to's queue, or with reply_to None, by direct reply-to."""
+        publisher = self.connection.publisher(AddressHelper.queue_address(self.queue))
+        handler = _OneMessage(timeout)
+        if reply_to is None:
+            options = ConsumerOptions(ConsumerSettleStrategy.DirectReplyTo)
+            consumer = self.connection.consumer(message_handler=handler, consumer_options=options)
+            reply_to = consumer.address  # /queues/amq.rabbitmq.reply-to.…, made for us
+        else:
+            queue = reply_to.removeprefix("/queues/")
+            address = reply_to if queue != reply_to else AddressHelper.queue_address(queue)
+            consumer = self.connection.consumer(address, message_handler=handler)
+        message_id = uuid.uuid4().hex
+        try:
+            with contextlib.suppress(_OneMessage.Got):  # the reply may come as we publish
+                publisher.publish(Message(body=body, id=message_id, reply_to=reply_to))
+                consumer.run()
+        finally:
+            publisher.close()
+            consumer.close()
+        assert handler.message is not None, f"no reply to {body!r} within {timeout} s"
+        return message_id, handler.message
+
+    def close(self) -> None:
+        self.environment.close()
+
+
+class _OneMessage(AMQPMessagingHandler):
+    """Takes one message, or gives up after timeout s: either ends the consumer's run()."""
+
+    class Got(Exception):
+        pass
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(auto_accept=True)
+        self.timeout = timeout
+        self.message: Message | None = None
+
+    def on_link_opened(self, event: Any) -> None:
+        self.timer = event.container.schedule(self.timeout, self)
+
+    def on_timer_task(self, event: Any) -> None:
+        raise self.Got
+
+    def on_amqp_message(self, event: Any) -> None:
+        self.timer.cancel()
+        self.message = event.message
+        raise self.Got
 
 
 def queued(channel: Any, queue: str) -> int:
