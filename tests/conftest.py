@@ -26,9 +26,9 @@ import rpc_client
 from tests import nodes
 from tests.support import (
     READY,
-    Amqp10Requester,
     ROOT,
     URL,
+    Amqp10Requester,
     Foreign,
     Requester,
     Server,
