@@ -37,6 +37,7 @@ from rabbitmq_amqp_python_client import (
     ConsumerSettleStrategy,
     Environment,
     Message,
+    QuorumQueueSpecification,
 )
 
 import rpc_client
@@ -276,8 +277,8 @@ class Requester:
             self.connection.close()
 
 
-class Amqp10Requester:
-    """A requester speaking AMQP 1.0, with RabbitMQ's own client (RabbitMQ 4 only)."""
+class Amqp10:
+    """A connection speaking AMQP 1.0, with RabbitMQ's own client (RabbitMQ 4 only)."""
 
     def __init__(self, url: str, queue: str) -> None:
         parameters = pika.URLParameters(url.split(",")[0])
@@ -295,6 +296,13 @@ class Amqp10Requester:
         self.connection.dial()
         self.queue = queue
 
+    def close(self) -> None:
+        self.environment.close()
+
+
+class Amqp10Requester(Amqp10):
+    """Sends requests to the queue over AMQP 1.0, as RabbitMQ 4's requesters do."""
+
     def reply_queue(self, name: str) -> str:
         """Declare a queue of that name for replies, exclusive to this connection."""
         spec = ClassicQueueSpecification(name=name, is_exclusive=True, is_durable=False)
@@ -307,7 +315,7 @@ class Amqp10Requester:
         """Send body with a message_id and no correlation_id; return the id and the reply.
         The reply is read from reply_to's queue, or with reply_to None, by direct reply-to."""
         publisher = self.connection.publisher(AddressHelper.queue_address(self.queue))
-        handler = _OneMessage(timeout)
+        handler = _OneMessage()
         if reply_to is None:
             options = ConsumerOptions(ConsumerSettleStrategy.DirectReplyTo)
             consumer = self.connection.consumer(message_handler=handler, consumer_options=options)
@@ -317,6 +325,7 @@ class Amqp10Requester:
             address = reply_to if queue != reply_to else AddressHelper.queue_address(queue)
             consumer = self.connection.consumer(address, message_handler=handler)
         message_id = uuid.uuid4().hex
+        handler.start(timeout)
         try:
             with contextlib.suppress(_OneMessage.Got):  # the reply may come as we publish
                 publisher.publish(Message(body=body, id=message_id, reply_to=reply_to))
@@ -327,23 +336,51 @@ class Amqp10Requester:
         assert handler.message is not None, f"no reply to {body!r} within {timeout} s"
         return message_id, handler.message
 
-    def close(self) -> None:
-        self.environment.close()
+
+class Amqp10Responder(Amqp10):
+    """Answers requests from the queue (declared as rpc_server.py does) over AMQP 1.0."""
+
+    def __init__(self, url: str, queue: str) -> None:
+        super().__init__(url, queue)
+        self.connection.management().declare_queue(QuorumQueueSpecification(name=queue))
+        self.handler = _OneMessage()
+        # Consuming from now on: a client finds a server there before the first request.
+        self.consumer = self.connection.consumer(
+            AddressHelper.queue_address(queue), message_handler=self.handler
+        )
+
+    def serve_one(self, timeout: float = 10) -> Message:
+        """Answer one request, as an AMQP 1.0 responder does: to its reply_to as given,
+        correlated by its message id. Return the request."""
+        self.handler.start(timeout)
+        with contextlib.suppress(_OneMessage.Got):
+            self.consumer.run()
+        request = self.handler.message
+        assert request is not None, f"no request within {timeout} s"
+        publisher = self.connection.publisher(request.reply_to)
+        reply = Message(body=str(rpc_server.fib(int(bytes(request.body)))).encode())
+        reply.correlation_id = request.id
+        publisher.publish(reply)
+        publisher.close()
+        return request
 
 
 class _OneMessage(AMQPMessagingHandler):
-    """Takes one message, or gives up after timeout s: either ends the consumer's run()."""
+    """Takes one message, or gives up timeout s after start(): either ends the consumer's run()."""
 
     class Got(Exception):
         pass
 
-    def __init__(self, timeout: float) -> None:
-        super().__init__(auto_accept=True)
-        self.timeout = timeout
+    def __init__(self) -> None:
+        super().__init__(auto_accept=False)
         self.message: Message | None = None
 
     def on_link_opened(self, event: Any) -> None:
-        self.timer = event.container.schedule(self.timeout, self)
+        self.container = event.container
+
+    def start(self, timeout: float) -> None:
+        self.message = None
+        self.timer = self.container.schedule(timeout, self)
 
     def on_timer_task(self, event: Any) -> None:
         raise self.Got
@@ -351,6 +388,8 @@ class _OneMessage(AMQPMessagingHandler):
     def on_amqp_message(self, event: Any) -> None:
         self.timer.cancel()
         self.message = event.message
+        if not event.delivery.settled:  # direct reply-to's are settled when sent
+            self.delivery_context.accept(event)
         raise self.Got
 
 
