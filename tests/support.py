@@ -366,7 +366,10 @@ class Amqp10Responder(Amqp10):
 
 
 class _OneMessage(AMQPMessagingHandler):
-    """Takes one message, or gives up timeout s after start(): either ends the consumer's run()."""
+    """Takes one message, or gives up timeout s after start(): either ends the consumer's run().
+
+    NOTE: the exception that ends run() may come again from the client's next wait (the
+    timer's does): only the first, while waiting, is raised."""
 
     class Got(Exception):
         pass
@@ -374,18 +377,24 @@ class _OneMessage(AMQPMessagingHandler):
     def __init__(self) -> None:
         super().__init__(auto_accept=False)
         self.message: Message | None = None
+        self.waiting = False
 
     def on_link_opened(self, event: Any) -> None:
         self.container = event.container
 
     def start(self, timeout: float) -> None:
-        self.message = None
+        self.message, self.waiting = None, True
         self.timer = self.container.schedule(timeout, self)
 
     def on_timer_task(self, event: Any) -> None:
-        raise self.Got
+        if self.waiting:
+            self.waiting = False
+            raise self.Got
 
     def on_amqp_message(self, event: Any) -> None:
+        if not self.waiting:
+            return
+        self.waiting = False
         self.timer.cancel()
         self.message = event.message
         if not event.delivery.settled:  # direct reply-to's are settled when sent
