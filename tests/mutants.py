@@ -235,10 +235,10 @@ MUTANTS = [
         "test_amqp10.py::test_direct_reply_to",
     ),
     (
-        "an AMQP 1.0 requester gets its reply in a queue named by its bare name",
+        "a reply_to that is no /queues/ address is the reply queue's name, as it stands",
         S,
-        "corr_id = props.correlation_id or props.message_id",
-        "corr_id = props.correlation_id",
+        "return unquote(match.group(1)) if match else reply_to",
+        'return unquote(match.group(1)) if match else ""',
         "test_amqp10.py::test_a_reply_queue_given_by_its_bare_name",
     ),
     (
