@@ -66,6 +66,13 @@ def rabbitmq_major(amqp_url: str) -> int:
     return int(server_version(amqp_url).split(".")[0])
 
 
+@pytest.fixture(scope="session")
+def rabbitmq_version(amqp_url: str) -> tuple[int, int]:
+    """The broker's (major, minor) at AMQP_URL, for what came in a minor release."""
+    major, minor = server_version(amqp_url).split(".")[:2]
+    return int(major), int(minor)
+
+
 @pytest.fixture(autouse=True)
 def _only_on_its_version(request: pytest.FixtureRequest) -> None:
     """A test marked rabbitmq3 or rabbitmq4 holds for that major version only: skipped on

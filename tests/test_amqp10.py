@@ -18,7 +18,9 @@ from tests.support import Amqp10Requester, Amqp10Responder
 pytestmark = pytest.mark.rabbitmq4
 
 
-def test_direct_reply_to(start_server, amqp10: Amqp10Requester) -> None:
+def test_direct_reply_to(start_server, amqp10: Amqp10Requester, rabbitmq_version) -> None:
+    if rabbitmq_version < (4, 2):
+        pytest.skip("direct reply-to over AMQP 1.0 came with RabbitMQ 4.2")
     start_server("--quiet")
     request_id, reply = amqp10.call(b"30")
     assert bytes(reply.body) == b"832040"
