@@ -28,6 +28,7 @@ from tests.support import (
     READY,
     ROOT,
     URL,
+    Amqp10Requester,
     Foreign,
     Requester,
     Server,
@@ -63,6 +64,13 @@ def server_version(url: str) -> str:
 @pytest.fixture(scope="session")
 def rabbitmq_major(amqp_url: str) -> int:
     return int(server_version(amqp_url).split(".")[0])
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_version(amqp_url: str) -> tuple[int, int]:
+    """The broker's (major, minor) at AMQP_URL, for what came in a minor release."""
+    major, minor = server_version(amqp_url).split(".")[:2]
+    return int(major), int(minor)
 
 
 @pytest.fixture(autouse=True)
@@ -178,6 +186,14 @@ def proxies(amqp_url: str) -> Iterator[list[TcpProxy]]:
 @pytest.fixture
 def requester(amqp_url: str, rpc_queue: str, request: pytest.FixtureRequest) -> Iterator[Requester]:
     sender = Requester(amqp_url, rpc_queue, f"requester {request.node.name}")
+    yield sender
+    sender.close()
+
+
+@pytest.fixture
+def amqp10(amqp_url: str, rpc_queue: str) -> Iterator[Amqp10Requester]:
+    """A requester to the test's queue over AMQP 1.0 (RabbitMQ 4: mark the test rabbitmq4)."""
+    sender = Amqp10Requester(amqp_url, rpc_queue)
     yield sender
     sender.close()
 

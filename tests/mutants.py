@@ -228,6 +228,27 @@ MUTANTS = [
         "test_integration.py::test_other_requesters_get_their_reply",
     ),
     (
+        "an AMQP 1.0 requester gets its reply by direct reply-to, by its message_id",
+        S,
+        "corr_id = props.correlation_id or props.message_id",
+        "corr_id = props.correlation_id",
+        "test_amqp10.py::test_direct_reply_to",
+    ),
+    (
+        "a reply_to that is no /queues/ address is the reply queue's name, as it stands",
+        S,
+        "return unquote(match.group(1)) if match else reply_to",
+        'return unquote(match.group(1)) if match else ""',
+        "test_amqp10.py::test_a_reply_queue_given_by_its_bare_name",
+    ),
+    (
+        "an AMQP 1.0 responder serves our client (our request carries a message_id)",
+        C,
+        "correlation_id=corr_id, message_id=corr_id,",
+        "correlation_id=corr_id,",
+        "test_amqp10.py::test_an_amqp10_responder_serves_our_client",
+    ),
+    (
         "SIGTERM finishes the request in hand",
         S,
         "    while in_hand and channel.is_open:  # the replies' confirms too\n"
