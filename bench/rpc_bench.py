@@ -128,7 +128,7 @@ async def aio_server(url: str, queue: str) -> None:
     connection = await aio_pika.connect(url)
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=1)
-    rpc = await RPC.create(channel)
+    rpc = await RPC.create(channel, exclusive=True)  # RabbitMQ 4 deprecates a transient one
     await rpc.register(queue, fib, durable=True, arguments=QUORUM)  # called as fib(n=...)
     print(READY, flush=True)
     await asyncio.Future()  # until killed
@@ -143,7 +143,7 @@ class AioClient:
 
     async def connect(self, url: str) -> None:
         self.connection = await aio_pika.connect(url)
-        self.rpc = await RPC.create(await self.connection.channel())
+        self.rpc = await RPC.create(await self.connection.channel(), exclusive=True)
 
     def call(self, n: int) -> int:
         return self.loop.run_until_complete(self.rpc.call(self.queue, {"n": n}))
