@@ -24,7 +24,7 @@ import rpc_client
 import rpc_server
 from tests.cluster_load import expected_answers
 from tests.conftest import READY, Server, wait_until
-from tests.partition import Partition, need_tools
+from tests.partition import NamespacedNode, Partition, need_tools
 
 pytestmark = [pytest.mark.local_rabbitmq, pytest.mark.partition]
 
@@ -46,17 +46,22 @@ def partition() -> Iterator[Partition]:
 
 @pytest.fixture
 def queue(partition: Partition) -> Iterator[str]:
-    """A quorum queue of the test's own, with a member on each node."""
+    """A queue name of the test's own, deleted afterwards."""
     name = f"rpc_partition_{uuid.uuid4().hex}"
-    connection = pika.BlockingConnection(pika.URLParameters(partition.nodes[0].url))
-    connection.channel().queue_declare(name, durable=True, arguments=rpc_server.QUEUE_ARGUMENTS)
-    connection.close()
-    wait_until(lambda: len(partition.queue_info(name)["online"]) == 3, 30, "three members")
     yield name
     partition.heal()
     connection = pika.BlockingConnection(pika.URLParameters(partition.nodes[0].url))
     connection.channel().queue_delete(queue=name)
     connection.close()
+
+
+def declare(partition: Partition, queue: str, on: NamespacedNode) -> None:
+    """Declare the queue as the server does, on a node that then leads it; wait for its
+    three members."""
+    connection = pika.BlockingConnection(pika.URLParameters(on.url))
+    connection.channel().queue_declare(queue, durable=True, arguments=rpc_server.QUEUE_ARGUMENTS)
+    connection.close()
+    wait_until(lambda: len(partition.queue_info(queue)["online"]) == 3, 30, "three members")
 
 
 def where(partition: Partition, server: Server) -> str:
@@ -65,18 +70,19 @@ def where(partition: Partition, server: Server) -> str:
     return partition.by_address(line.split("connected to ")[1].split(":")[0]).name
 
 
-def start_servers(partition: Partition, queue: str, on: list[str]) -> list[Server]:
-    """A server on each node named in on: servers given all three URLs pick a node at random,
-    so servers are started until one has landed on each; the others are stopped."""
+def start_servers(partition: Partition, queue: str, on: list[set[str]]) -> list[Server]:
+    """A server on a node of each set in on: servers given all three URLs pick a node at
+    random, so servers are started until one has landed on each; the others are stopped."""
     wanted, kept, spare = list(on), [], []
     for i in range(30):
         env = {**os.environ, "AMQP_URL": partition.url(f"server {i}"), "PYTHONUNBUFFERED": "1"}
         server = Server(["--queue", queue, "--quiet"], env)
         server.wait_for(READY)
         node = where(partition, server)
-        (kept if node in wanted else spare).append(server)
-        if node in wanted:
-            wanted.remove(node)
+        fits = next((nodes for nodes in wanted if node in nodes), None)
+        (spare if fits is None else kept).append(server)
+        if fits is not None:
+            wanted.remove(fits)
         if not wanted:
             break
     for server in spare:
@@ -86,43 +92,48 @@ def start_servers(partition: Partition, queue: str, on: list[str]) -> list[Serve
 
 
 def figures(calls: list[tuple[float, float, str]], cut: float, heal: float) -> dict:
-    """Calls (start, end, outcome) summed up: runs of one outcome, and the times back in
-    service (the end of the first answer after the last failure) from the cut and the heal."""
-    runs: list[list] = []  # [outcome, count, first start, last end], from the cut
+    """Calls (start, end, outcome) summed up, with the outages (from the start of a failed
+    call to the end of the next answer, in s from the cut) and the times back in service."""
+    outages: list[list[float]] = []
     for start, end, outcome in calls:
-        if runs and runs[-1][0] == outcome:
-            runs[-1][1:] = [runs[-1][1] + 1, runs[-1][2], round(end - cut, 1)]
-        else:
-            runs.append([outcome, 1, round(start - cut, 1), round(end - cut, 1)])
-
-    def back_after(at: float, until: float) -> float | None:
-        failed = [end for _, end, outcome in calls if outcome != "ok" and end < until]
-        if not failed or failed[-1] < at:
-            return 0.0  # not out of service
-        answered = [end for _, end, outcome in calls if outcome == "ok" and end > failed[-1]]
-        return round(answered[0] - at, 1) if answered and answered[0] < until else None
-
+        if outcome != "ok" and not (outages and outages[-1][1] is None):
+            outages.append([round(start - cut, 1), None])
+        elif outcome == "ok" and outages and outages[-1][1] is None:
+            outages[-1][1] = round(end - cut, 1)
+    during = [out for out in outages if out[0] < heal - cut and (out[1] or 1e9) > 0]
+    after = [out for out in outages if (out[1] or 1e9) > heal - cut]
     return {
         "calls": len(calls),
         "errors": dict(Counter(outcome for *_, outcome in calls if outcome != "ok")),
         "worst": round(max(end - start for start, end, _ in calls), 2),
-        "back during the cut": back_after(cut, heal),
-        "back after the heal": back_after(heal, calls[-1][1] + 1),
-        "runs": runs,
+        "outages": outages,
+        # None: not before the heal; 0: never out of service
+        "back after the cut": during[-1][1]
+        if during and during[-1][1] < heal - cut
+        else (0.0 if not during else None),
+        "back after the heal": round(after[-1][1] - (heal - cut), 1)
+        if after and after[-1][1]
+        else (0.0 if not after else None),
     }
 
 
-def test_a_20_s_cut_of_the_client_node_no_wrong_answer_no_raw_exception(
-    partition: Partition, queue: str
+@pytest.mark.parametrize("client_side", ["cut off", "majority"])
+def test_a_20_s_cut_of_one_node_no_wrong_answer_no_raw_exception(
+    partition: Partition, queue: str, client_side: str
 ) -> None:
+    """A server on each side; the client on the node cut off, or on the majority side."""
     name = f"partition client {uuid.uuid4().hex}"
     client = rpc_client.FibonacciRpcClient(partition.url(name), timeout=10, queue=queue)
     servers: list[Server] = []
     try:
-        cut_off = partition.node_of(name)
-        assert client.nodes[-1].host == cut_off.ip  # connect() moves the node it is on last
-        majority = [node.name for node in partition.nodes if node is not cut_off]
-        servers = start_servers(partition, queue, [cut_off.name, majority[0]])
+        on = partition.node_of(name)
+        assert client.nodes[-1].host == on.ip  # connect() moves the node it is on last
+        cut_off = on if client_side == "cut off" else partition.nodes[partition.nodes.index(on) - 1]
+        majority = {node.name for node in partition.nodes if node is not cut_off}
+        # Its leader on the majority side: a cut leader leaves the queue without one for ~10 s.
+        declare(partition, queue, on=next(n for n in partition.nodes if n.name in majority))
+        servers = start_servers(partition, queue, [{cut_off.name}, majority])
+        started_on = [where(partition, server) for server in servers]
         leader = partition.queue_info(queue)["leader"]
         calls: list[tuple[float, float, str]] = []
         wrong, raw = [], []
@@ -155,9 +166,9 @@ def test_a_20_s_cut_of_the_client_node_no_wrong_answer_no_raw_exception(
             timer.join()
         found = figures(calls, cut_at, heal_at)
         print(
-            f"\n{CUT:.0f} s cut of {cut_off.name} (queue leader {leader}); the client on it,"
-            f" later on {sorted(set(client_nodes))}; servers started on {cut_off.name} and"
-            f" {majority[0]}, at the end on {[where(partition, s) for s in servers]}, having"
+            f"\n{CUT:.0f} s cut of {cut_off.name} (queue leader {leader}); the client on"
+            f" {on.name}, later on {sorted(set(client_nodes))}; servers started on"
+            f" {started_on}, at the end on {[where(partition, s) for s in servers]}, having"
             f" lost their connection {[sum('connection lost' in line for line in s.stderr) for s in servers]}"
             f" times: {found}"
         )
