@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pika
@@ -84,14 +84,15 @@ def broker_parameters(
     return nodes
 
 
-def connect(nodes: list[pika.URLParameters]) -> pika.BlockingConnection:
-    """Connect to the first node that answers and move it last: the next connect starts after it."""
+def connect(nodes: list[pika.URLParameters], setup: Callable = bool) -> pika.BlockingConnection:
+    """A connection to the first node that answers and takes setup(connection), moved last."""
     errors = []  # where each node is, without the credentials (URLs carry passwords)
     for _ in nodes:
-        node = nodes.pop(0)
-        nodes.append(node)  # a node lost with its connection is tried last next time
+        nodes.append(node := nodes.pop(0))  # the next connect starts after it: a lost node last
         try:
-            return pika.BlockingConnection(node)
+            # NOTE: a node cut off from its cluster may refuse a queue_declare (541 INTERNAL_ERROR).
+            setup(connection := pika.BlockingConnection(node))
+            return connection
         except (AMQPConnectionError, OSError) as error:  # OSError: no such host
             errors.append(f"{node.host}:{node.port}: {error!r}")
     raise RpcConnectionError("cannot connect to the broker at " + "; ".join(errors))
@@ -112,7 +113,7 @@ class Request:  # one n of a call
     corr_id: str = ""
 
 
-class FibonacciRpcClient:
+class FibonacciRpcClient(contextlib.AbstractContextManager):
     def __init__(
         self,
         url: str | None = None,
@@ -137,11 +138,13 @@ class FibonacciRpcClient:
 
     def connect(self) -> None:
         self.close()
-        self.connection = connect(self.nodes)
+        self.connection = connect(self.nodes, self.open_channel)
+
+    def open_channel(self, connection: pika.BlockingConnection) -> None:
         self.blocked: str | None = None  # the broker's reason while a resource alarm blocks us
-        self.connection.add_on_connection_blocked_callback(self.on_blocked)
-        self.connection.add_on_connection_unblocked_callback(self.on_blocked)
-        self.channel = self.connection.channel()
+        connection.add_on_connection_blocked_callback(self.on_blocked)
+        connection.add_on_connection_unblocked_callback(self.on_blocked)
+        self.channel = connection.channel()
         # NOTE: publisher confirms, for the nack of a request the broker did not take, on the
         # channel underneath: BlockingChannel.confirm_delivery() would wait for each in turn.
         self.channel._impl.confirm_delivery(ack_nack_callback=self.on_confirm)
@@ -150,12 +153,9 @@ class FibonacciRpcClient:
         # mandatory: a request that no queue takes comes back, to on_response.
         self.channel.add_on_return_callback(self.on_response)
         # Server-named and exclusive: ours alone, and deleted when we disconnect.
-        result = self.channel.queue_declare(queue="", exclusive=True)
-        self.callback_queue = result.method.queue
+        self.callback_queue = self.channel.queue_declare(queue="", exclusive=True).method.queue
         # NOTE: auto_ack: a reply has no one else to be redelivered to; the queue is ours alone.
-        self.channel.basic_consume(
-            queue=self.callback_queue, on_message_callback=self.on_response, auto_ack=True
-        )
+        self.channel.basic_consume(self.callback_queue, self.on_response, auto_ack=True)
         # NOTE: a deleted callback queue (an operator's doing) cancels our consumer, and
         # no reply could come: as for a lost connection, the calls in flight go again.
         self.channel.add_on_cancel_callback(self.on_cancel)
@@ -220,16 +220,21 @@ class FibonacciRpcClient:
                             self.send(in_flight[-1])
                         done.append((in_flight[0].n, self.wait(in_flight[0])))
                         in_flight.popleft()
-                    # NOTE: a lost connection took its callback queue; a nack is a request the
-                    # broker did not take (a channel opened as the queue's leader died refuses
-                    # all, a full queue some). Either way, those in flight go again; retries count
-                    # losses of requests that may have reached a server: retries=0 runs none twice.
-                    except AMQPConnectionError as error:
+                    # NOTE: a lost connection took its callback queue; a node cut off from its
+                    # cluster sees no server; a nack is a request the broker did not take (a
+                    # channel opened as the queue's leader died refuses all, a full queue some).
+                    # Those in flight go again, on the next node; retries count losses of
+                    # requests that may have reached a server: retries=0 runs none twice.
+                    except (AMQPConnectionError, NoServerError) as error:
                         attempt += any(request.corr_id for request in in_flight)
+                        lost = isinstance(error, AMQPConnectionError)
+                        if not lost and (attempt > self.retries or len(self.nodes) < 2):
+                            raise
                         if attempt > self.retries:
                             raise RpcConnectionError(f"connection lost: {error!r}") from None
                         again = True
-                        LOGGER.warning("connection lost during a call (%r); sending again", error)
+                        what = "connection lost" if lost else "no server seen through this node"
+                        LOGGER.warning("%s during a call (%r); sending again", what, error)
                     except NackError:
                         if not self.retries and len(in_flight) > 1:  # others may have been taken
                             raise RpcConnectionError("the broker refused a request") from None
@@ -310,9 +315,6 @@ class FibonacciRpcClient:
                 self.connection.close()
         self.connection = None
 
-    def __enter__(self) -> FibonacciRpcClient:
-        return self
-
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
@@ -322,9 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("n", nargs="*", type=int, default=[30], help="n to request (default: 30)")
     parser.add_argument("--url", default=os.environ.get("AMQP_URL") or DEFAULT_URL, help=URL_HELP)
     parser.add_argument("--queue", default="rpc_queue", help="request queue (default: %(default)s)")
-    parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for each reply"
-    )
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per reply")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail, pika's too")
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING
