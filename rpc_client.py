@@ -33,10 +33,9 @@ LOGGER = logging.getLogger("rpc_client")
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_TIMEOUT = 10.0  # seconds
 MAX_TIMEOUT = 315_360_000  # seconds, ten years: the longest expiration RabbitMQ takes
-# NOTE: while a reply is late, the client asks every CHECK_EVERY s whether a server consumes
-# the queue; none for NO_SERVER_AFTER s means none at all (servers that lose a node come back).
-CHECK_EVERY = 0.25
-NO_SERVER_AFTER = 1.25
+# NOTE: while a reply is late, the client asks every CHECK_EVERY s whether a server consumes the
+# queue; none for NO_SERVER_AFTER s (servers that lose a node come back): the next node, or none.
+CHECK_EVERY, NO_SERVER_AFTER = 0.25, 1.25
 BLOCKED_TIMEOUT = 30.0  # seconds a resource alarm may block the server (a client: its timeout)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # both scripts'
 URL_HELP = (  # both scripts'
@@ -74,10 +73,9 @@ def broker_parameters(
             node.host.encode("idna")  # as the socket will need it: "a..b" is no host
         except (ValueError, TypeError, SyntaxError, OSError) as error:
             raise ValueError(f"invalid broker URL: {error}") from None
-        # NOTE: pika waits without a bound on a connection that a broker in a
-        # resource alarm blocks, unless it is given a timeout.
+        # NOTE: pika waits without a bound on a connection that a broker in a resource alarm
+        # blocks, unless given a timeout. Named in the broker's list, unless the URL names it.
         node.blocked_connection_timeout = node.blocked_connection_timeout or blocked
-        # Named in the broker's list of connections, unless the URL names it.
         node.client_properties = {"connection_name": name, **(node.client_properties or {})}
         nodes.append(node)
     random.shuffle(nodes)  # a fleet of processes spreads over the cluster's nodes
@@ -98,6 +96,18 @@ def connect(nodes: list[pika.URLParameters], setup: Callable = bool) -> pika.Blo
     raise RpcConnectionError("cannot connect to the broker at " + "; ".join(errors))
 
 
+def close(connection: pika.BlockingConnection | None) -> None:
+    """Close connection; wait 2 s at most (a cut-off node may hold it until the heal)."""
+
+    def run() -> None:
+        with contextlib.suppress(AMQPConnectionError):  # NOTE: pika's loop is per connection
+            if connection is not None and connection.is_open:
+                connection.close()
+
+    (closer := threading.Thread(target=run, daemon=True)).start()
+    closer.join(2.0)
+
+
 def checked_timeout(timeout: float) -> float:
     """timeout, if a request can expire after it; raise ValueError otherwise."""
     if not 0 < timeout <= MAX_TIMEOUT:  # nan is neither
@@ -109,8 +119,7 @@ def checked_timeout(timeout: float) -> float:
 class Request:  # one n of a call
     n: int
     deadline: float
-    # of its latest publish; set before it, so "" means never sent, nothing that costs a retry
-    corr_id: str = ""
+    corr_id: str = ""  # of its latest publish, set before it: "" (never sent) costs no retry
 
 
 class FibonacciRpcClient(contextlib.AbstractContextManager):
@@ -129,8 +138,7 @@ class FibonacciRpcClient(contextlib.AbstractContextManager):
             raise ValueError(f"queue must be at most 255 bytes, got {len(queue.encode())}")
         self.queue = queue
         self.retries = retries  # calls sent again after a lost connection; fib is idempotent
-        # NOTE: pika's connection is not thread-safe: threads sharing a client take turns.
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # NOTE: pika is not thread-safe: threads sharing us take turns
         # correlation_id -> (type, body) of its reply, or None while awaited
         self.responses: dict[str, tuple[str | None, bytes] | None] = {}
         self.connection: pika.BlockingConnection | None = None
@@ -148,16 +156,13 @@ class FibonacciRpcClient(contextlib.AbstractContextManager):
         # NOTE: publisher confirms, for the nack of a request the broker did not take, on the
         # channel underneath: BlockingChannel.confirm_delivery() would wait for each in turn.
         self.channel._impl.confirm_delivery(ack_nack_callback=self.on_confirm)
-        self.nacked = False
-        self.broken: Exception | None = None  # why the broker cancelled our consumer or channel
-        # mandatory: a request that no queue takes comes back, to on_response.
-        self.channel.add_on_return_callback(self.on_response)
+        self.nacked, self.broken = False, None  # broken: why the broker cancelled us, or closed
+        self.channel.add_on_return_callback(self.on_response)  # mandatory requests no queue took
         # Server-named and exclusive: ours alone, and deleted when we disconnect.
         self.callback_queue = self.channel.queue_declare(queue="", exclusive=True).method.queue
         # NOTE: auto_ack: a reply has no one else to be redelivered to; the queue is ours alone.
         self.channel.basic_consume(self.callback_queue, self.on_response, auto_ack=True)
-        # NOTE: a deleted callback queue (an operator's doing) cancels our consumer, and
-        # no reply could come: as for a lost connection, the calls in flight go again.
+        # NOTE: a deleted callback queue cancels our consumer: the calls in flight go again.
         self.channel.add_on_cancel_callback(self.on_cancel)
         # On the channel underneath: BlockingChannel does not say why the broker closed it.
         self.channel._impl.add_on_close_callback(self.on_channel_closed)
@@ -220,11 +225,10 @@ class FibonacciRpcClient(contextlib.AbstractContextManager):
                             self.send(in_flight[-1])
                         done.append((in_flight[0].n, self.wait(in_flight[0])))
                         in_flight.popleft()
-                    # NOTE: a lost connection took its callback queue; a node cut off from its
-                    # cluster sees no server; a nack is a request the broker did not take (a
-                    # channel opened as the queue's leader died refuses all, a full queue some).
-                    # Those in flight go again, on the next node; retries count losses of
-                    # requests that may have reached a server: retries=0 runs none twice.
+                    # NOTE: a lost connection took its callback queue; a cut-off node sees no
+                    # server; a nack is a request the broker did not take (a channel opened as the
+                    # leader died refuses all, a full queue some). Those in flight go again, on the
+                    # next node; retries bounds resends of what may have run: retries=0, none twice.
                     except (AMQPConnectionError, NoServerError) as error:
                         attempt += any(request.corr_id for request in in_flight)
                         lost = isinstance(error, AMQPConnectionError)
@@ -309,10 +313,7 @@ class FibonacciRpcClient(contextlib.AbstractContextManager):
             raise RpcError(f"cannot read the reply: {error}") from None
 
     def close(self) -> None:
-        # A connection blocked by an alarm is dropped by its blocked timeout.
-        with contextlib.suppress(AMQPConnectionError):
-            if self.connection is not None and self.connection.is_open:
-                self.connection.close()
+        close(self.connection)  # one an alarm blocks is dropped by its blocked timeout
         self.connection = None
 
     def __exit__(self, *exc_info: object) -> None:
@@ -327,8 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per reply")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail, pika's too")
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format=LOG_FORMAT)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format=LOG_FORMAT)
     if not args.verbose:
         logging.getLogger("pika").setLevel(logging.CRITICAL)  # its errors are ours to report
     try:

@@ -318,8 +318,8 @@ MUTANTS = [
     (
         "--verbose logs pika's debug detail (and never the password)",
         C,
-        "level = logging.DEBUG if args.verbose else logging.WARNING",
-        "level = logging.WARNING",
+        "level=logging.DEBUG if args.verbose else logging.WARNING",
+        "level=logging.WARNING",
         "test_security.py::test_debug_logs_do_not_show_the_password",
     ),
 ]

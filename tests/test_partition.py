@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
 
 import pika
 import pytest
@@ -65,10 +66,22 @@ def declare(partition: Partition, queue: str, on: NamespacedNode) -> None:
     wait_until(lambda: len(partition.queue_info(queue)["online"]) == 3, 30, "three members")
 
 
+def connections(partition: Partition, server: Server) -> list[tuple[float, str]]:
+    """(wall-clock time, node) of each connection a server made, from its log lines
+    "<asctime> INFO rpc_server: connected to HOST:PORT"."""
+    return [
+        (
+            datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp(),
+            partition.by_address(line.split("connected to ")[1].split(":")[0]).name,
+        )
+        for line in server.stderr
+        if "rpc_server: connected to " in line
+    ]
+
+
 def where(partition: Partition, server: Server) -> str:
-    """The node a server is connected to now, from its log line "connected to HOST:PORT"."""
-    line = [line for line in server.stderr if "connected to " in line][-1]
-    return partition.by_address(line.split("connected to ")[1].split(":")[0]).name
+    """The node a server is connected to now."""
+    return connections(partition, server)[-1][1]
 
 
 def start_servers(partition: Partition, queue: str, on: list[set[str]]) -> list[Server]:
@@ -138,7 +151,7 @@ def test_a_20_s_cut_of_one_node_no_wrong_answer_no_raw_exception(
         leader = partition.queue_info(queue)["leader"]
         calls: list[tuple[float, float, str]] = []
         wrong, raw = [], []
-        start = time.monotonic()
+        start, cut_wall = time.monotonic(), time.time() + 2
         cut_at, heal_at = start + 2, start + 2 + CUT
         # NOTE: on timers, not after a rabbitmqctl: during a cut, one can block for 30 s.
         timers = [
@@ -166,6 +179,12 @@ def test_a_20_s_cut_of_one_node_no_wrong_answer_no_raw_exception(
         for timer in timers:
             timer.join()
         found = figures(calls, cut_at, heal_at)
+        # Each server's connections after the cut: (s after the cut, node).
+        found["servers"] = [
+            [(round(t - cut_wall, 1), node) for t, node in connections(partition, server)[1:]]
+            for server in servers
+        ]
+        cut_side = servers[started_on.index(cut_off.name)]
         print(
             f"\n{CUT:.0f} s cut of {cut_off.name} (queue leader {leader}); the client on"
             f" {on.name}, later on {sorted(set(client_nodes))}; servers started on"
@@ -177,6 +196,10 @@ def test_a_20_s_cut_of_one_node_no_wrong_answer_no_raw_exception(
         assert raw == []
         # A server consumed on the majority side all along, and the client could reach it.
         assert "NoServerError" not in found["errors"]
+        # The server on the node cut off saw it (its queue counts no consumer) and moved.
+        assert any(
+            node in majority and t < cut_wall + CUT for t, node in connections(partition, cut_side)
+        ), cut_side.stderr
         assert found["back after the heal"] is not None, "no answer after the heal"
     finally:
         partition.heal()
