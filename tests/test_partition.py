@@ -112,6 +112,38 @@ def test_a_20_s_cut_of_one_node_no_wrong_answer_no_raw_exception(
             server.kill()
 
 
+def test_a_new_client_whose_first_node_is_cut_off_connects_through_another(
+    partition: Partition, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cut-off node takes the connection, then refuses the callback queue (541
+    INTERNAL_ERROR: the metadata store timed out, after about 30 s): the client moves on,
+    and no raw pika exception comes out."""
+    cut_off, *majority = partition.nodes
+    declare(partition, queue, on=majority[0])
+    servers = start_servers(partition, queue, [{node.name for node in majority}])
+    monkeypatch.setattr(rpc_client.random, "shuffle", lambda nodes: None)  # the URLs' order
+    name = f"partition client {uuid.uuid4().hex}"
+    urls = partition.url(name).split(",")
+    timers = [threading.Timer(0, partition.cut, [cut_off]), threading.Timer(45, partition.heal)]
+    try:
+        for timer in timers:
+            timer.start()
+        time.sleep(1)
+        started = time.monotonic()
+        with rpc_client.FibonacciRpcClient(",".join(urls), timeout=10, queue=queue) as client:
+            took = time.monotonic() - started
+            on = partition.by_address(client.nodes[-1].host)
+            assert client.call(30) == 832040
+        print(f"\na new client first given the cut-off node: on {on.name} after {took:.1f} s")
+        assert on is not cut_off
+    finally:
+        for timer in timers:
+            timer.cancel()
+        partition.heal()
+        for server in servers:
+            server.kill()
+
+
 @pytest.fixture(scope="module")
 def partition() -> Iterator[Partition]:
     cluster = Partition(need_tools())
