@@ -337,6 +337,13 @@ MUTANTS = [
         "test_partition.py::test_a_20_s_cut_of_one_node_no_wrong_answer_no_raw_exception",
     ),
     (
+        "a failure while setting up a connection (541 on a cut-off node) moves to the next node",
+        C,
+        "self.connection = connect(self.nodes, self.open_channel)",
+        "self.connection = connect(self.nodes)\n        self.open_channel(self.connection)",
+        "test_partition.py::test_a_new_client_whose_first_node_is_cut_off_connects_through_another",
+    ),
+    (
         "a close that a cut-off node holds is not waited for",
         C,
         "closer.join(2.0)",
