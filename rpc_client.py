@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pika
@@ -33,10 +33,9 @@ LOGGER = logging.getLogger("rpc_client")
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_TIMEOUT = 10.0  # seconds
 MAX_TIMEOUT = 315_360_000  # seconds, ten years: the longest expiration RabbitMQ takes
-# NOTE: while a reply is late, the client asks every CHECK_EVERY s whether a server consumes
-# the queue; none for NO_SERVER_AFTER s means none at all (servers that lose a node come back).
-CHECK_EVERY = 0.25
-NO_SERVER_AFTER = 1.25
+# NOTE: while a reply is late, the client asks every CHECK_EVERY s whether a server consumes the
+# queue; none for NO_SERVER_AFTER s (servers that lose a node come back): the next node, or none.
+CHECK_EVERY, NO_SERVER_AFTER = 0.25, 1.25
 BLOCKED_TIMEOUT = 30.0  # seconds a resource alarm may block the server (a client: its timeout)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # both scripts'
 URL_HELP = (  # both scripts'
@@ -74,27 +73,39 @@ def broker_parameters(
             node.host.encode("idna")  # as the socket will need it: "a..b" is no host
         except (ValueError, TypeError, SyntaxError, OSError) as error:
             raise ValueError(f"invalid broker URL: {error}") from None
-        # NOTE: pika waits without a bound on a connection that a broker in a
-        # resource alarm blocks, unless it is given a timeout.
+        # NOTE: pika waits without a bound on a connection that a broker in a resource alarm
+        # blocks, unless given a timeout. Named in the broker's list, unless the URL names it.
         node.blocked_connection_timeout = node.blocked_connection_timeout or blocked
-        # Named in the broker's list of connections, unless the URL names it.
         node.client_properties = {"connection_name": name, **(node.client_properties or {})}
         nodes.append(node)
     random.shuffle(nodes)  # a fleet of processes spreads over the cluster's nodes
     return nodes
 
 
-def connect(nodes: list[pika.URLParameters]) -> pika.BlockingConnection:
-    """Connect to the first node that answers and move it last: the next connect starts after it."""
+def connect(nodes: list[pika.URLParameters], setup: Callable = bool) -> pika.BlockingConnection:
+    """A connection to the first node that answers and takes setup(connection), moved last."""
     errors = []  # where each node is, without the credentials (URLs carry passwords)
     for _ in nodes:
-        node = nodes.pop(0)
-        nodes.append(node)  # a node lost with its connection is tried last next time
+        nodes.append(node := nodes.pop(0))  # the next connect starts after it: a lost node last
         try:
-            return pika.BlockingConnection(node)
+            # NOTE: a node cut off from its cluster may refuse a queue_declare (541 INTERNAL_ERROR).
+            setup(connection := pika.BlockingConnection(node))
+            return connection
         except (AMQPConnectionError, OSError) as error:  # OSError: no such host
             errors.append(f"{node.host}:{node.port}: {error!r}")
     raise RpcConnectionError("cannot connect to the broker at " + "; ".join(errors))
+
+
+def close(connection: pika.BlockingConnection | None) -> None:
+    """Close connection; wait 2 s at most (a cut-off node may hold it until the heal)."""
+
+    def run() -> None:
+        with contextlib.suppress(AMQPConnectionError):  # NOTE: pika's loop is per connection
+            if connection is not None and connection.is_open:
+                connection.close()
+
+    (closer := threading.Thread(target=run, daemon=True)).start()
+    closer.join(2.0)
 
 
 def checked_timeout(timeout: float) -> float:
@@ -108,11 +119,10 @@ def checked_timeout(timeout: float) -> float:
 class Request:  # one n of a call
     n: int
     deadline: float
-    # of its latest publish; set before it, so "" means never sent, nothing that costs a retry
-    corr_id: str = ""
+    corr_id: str = ""  # of its latest publish, set before it: "" (never sent) costs no retry
 
 
-class FibonacciRpcClient:
+class FibonacciRpcClient(contextlib.AbstractContextManager):
     def __init__(
         self,
         url: str | None = None,
@@ -128,8 +138,7 @@ class FibonacciRpcClient:
             raise ValueError(f"queue must be at most 255 bytes, got {len(queue.encode())}")
         self.queue = queue
         self.retries = retries  # calls sent again after a lost connection; fib is idempotent
-        # NOTE: pika's connection is not thread-safe: threads sharing a client take turns.
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # NOTE: pika is not thread-safe: threads sharing us take turns
         # correlation_id -> (type, body) of its reply, or None while awaited
         self.responses: dict[str, tuple[str | None, bytes] | None] = {}
         self.connection: pika.BlockingConnection | None = None
@@ -137,27 +146,23 @@ class FibonacciRpcClient:
 
     def connect(self) -> None:
         self.close()
-        self.connection = connect(self.nodes)
+        self.connection = connect(self.nodes, self.open_channel)
+
+    def open_channel(self, connection: pika.BlockingConnection) -> None:
         self.blocked: str | None = None  # the broker's reason while a resource alarm blocks us
-        self.connection.add_on_connection_blocked_callback(self.on_blocked)
-        self.connection.add_on_connection_unblocked_callback(self.on_blocked)
-        self.channel = self.connection.channel()
+        connection.add_on_connection_blocked_callback(self.on_blocked)
+        connection.add_on_connection_unblocked_callback(self.on_blocked)
+        self.channel = connection.channel()
         # NOTE: publisher confirms, for the nack of a request the broker did not take, on the
         # channel underneath: BlockingChannel.confirm_delivery() would wait for each in turn.
         self.channel._impl.confirm_delivery(ack_nack_callback=self.on_confirm)
-        self.nacked = False
-        self.broken: Exception | None = None  # why the broker cancelled our consumer or channel
-        # mandatory: a request that no queue takes comes back, to on_response.
-        self.channel.add_on_return_callback(self.on_response)
+        self.nacked, self.broken = False, None  # broken: why the broker cancelled us, or closed
+        self.channel.add_on_return_callback(self.on_response)  # mandatory requests no queue took
         # Server-named and exclusive: ours alone, and deleted when we disconnect.
-        result = self.channel.queue_declare(queue="", exclusive=True)
-        self.callback_queue = result.method.queue
+        self.callback_queue = self.channel.queue_declare(queue="", exclusive=True).method.queue
         # NOTE: auto_ack: a reply has no one else to be redelivered to; the queue is ours alone.
-        self.channel.basic_consume(
-            queue=self.callback_queue, on_message_callback=self.on_response, auto_ack=True
-        )
-        # NOTE: a deleted callback queue (an operator's doing) cancels our consumer, and
-        # no reply could come: as for a lost connection, the calls in flight go again.
+        self.channel.basic_consume(self.callback_queue, self.on_response, auto_ack=True)
+        # NOTE: a deleted callback queue cancels our consumer: the calls in flight go again.
         self.channel.add_on_cancel_callback(self.on_cancel)
         # On the channel underneath: BlockingChannel does not say why the broker closed it.
         self.channel._impl.add_on_close_callback(self.on_channel_closed)
@@ -220,16 +225,20 @@ class FibonacciRpcClient:
                             self.send(in_flight[-1])
                         done.append((in_flight[0].n, self.wait(in_flight[0])))
                         in_flight.popleft()
-                    # NOTE: a lost connection took its callback queue; a nack is a request the
-                    # broker did not take (a channel opened as the queue's leader died refuses
-                    # all, a full queue some). Either way, those in flight go again; retries count
-                    # losses of requests that may have reached a server: retries=0 runs none twice.
-                    except AMQPConnectionError as error:
+                    # NOTE: a lost connection took its callback queue; a cut-off node sees no
+                    # server; a nack is a request the broker did not take (a channel opened as the
+                    # leader died refuses all, a full queue some). Those in flight go again, on the
+                    # next node; retries bounds resends of what may have run: retries=0, none twice.
+                    except (AMQPConnectionError, NoServerError) as error:
                         attempt += any(request.corr_id for request in in_flight)
+                        lost = isinstance(error, AMQPConnectionError)
+                        if not lost and (attempt > self.retries or len(self.nodes) < 2):
+                            raise
                         if attempt > self.retries:
                             raise RpcConnectionError(f"connection lost: {error!r}") from None
                         again = True
-                        LOGGER.warning("connection lost during a call (%r); sending again", error)
+                        what = "connection lost" if lost else "no server seen through this node"
+                        LOGGER.warning("%s during a call (%r); sending again", what, error)
                     except NackError:
                         if not self.retries and len(in_flight) > 1:  # others may have been taken
                             raise RpcConnectionError("the broker refused a request") from None
@@ -304,14 +313,8 @@ class FibonacciRpcClient:
             raise RpcError(f"cannot read the reply: {error}") from None
 
     def close(self) -> None:
-        # A connection blocked by an alarm is dropped by its blocked timeout.
-        with contextlib.suppress(AMQPConnectionError):
-            if self.connection is not None and self.connection.is_open:
-                self.connection.close()
+        close(self.connection)  # one an alarm blocks is dropped by its blocked timeout
         self.connection = None
-
-    def __enter__(self) -> FibonacciRpcClient:
-        return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
@@ -322,13 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("n", nargs="*", type=int, default=[30], help="n to request (default: 30)")
     parser.add_argument("--url", default=os.environ.get("AMQP_URL") or DEFAULT_URL, help=URL_HELP)
     parser.add_argument("--queue", default="rpc_queue", help="request queue (default: %(default)s)")
-    parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for each reply"
-    )
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per reply")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail, pika's too")
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format=LOG_FORMAT)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format=LOG_FORMAT)
     if not args.verbose:
         logging.getLogger("pika").setLevel(logging.CRITICAL)  # its errors are ours to report
     try:

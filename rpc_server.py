@@ -27,7 +27,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPChannelError, AMQPConnectionError, ChannelClosedByBroker
 from pika.spec import Basic
 
-from rpc_client import DEFAULT_URL, LOG_FORMAT, URL_HELP, broker_parameters, connect
+from rpc_client import DEFAULT_URL, LOG_FORMAT, URL_HELP, broker_parameters, close, connect
 
 LOGGER = logging.getLogger("rpc_server")
 
@@ -178,7 +178,9 @@ def serve(
             look_at = time.monotonic() + 5
             try:
                 with connection.channel() as look:
-                    look.queue_declare(queue=args.queue, passive=True)
+                    # NOTE: a node cut off from its cluster (4.x) counts no consumer, not even us.
+                    if not look.queue_declare(queue=args.queue, passive=True).method.consumer_count:
+                        raise AMQPConnectionError("our node sees no consumer of ours: cut off?")
             except ChannelClosedByBroker as error:  # NOT_FOUND: our consumer is gone with it
                 cancelled.append(error)
     # NOTE: NOT_FOUND: the queue deleted again as we declared it, as a cluster may; any other
@@ -201,9 +203,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Answer fib(n) requests from a RabbitMQ queue: the RPC server of tutorial 6.",
     )
     parser.add_argument("--url", default=os.environ.get("AMQP_URL") or DEFAULT_URL, help=URL_HELP)
-    parser.add_argument(
-        "--queue", default="rpc_queue", help="queue to consume (default: rpc_queue)"
-    )
+    parser.add_argument("--queue", default="rpc_queue", help="request queue (default: %(default)s)")
     parser.add_argument(
         "--prefetch",
         type=int,
@@ -281,8 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures = failures + 1 if soon else 0
             LOGGER.warning("connection lost (%r)", error)
         finally:
-            if connection.is_open:
-                connection.close()
+            close(connection)
     return 0
 
 

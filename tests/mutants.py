@@ -339,9 +339,37 @@ MUTANTS = [
     (
         "--verbose logs pika's debug detail (and never the password)",
         C,
-        "level = logging.DEBUG if args.verbose else logging.WARNING",
-        "level = logging.WARNING",
+        "level=logging.DEBUG if args.verbose else logging.WARNING",
+        "level=logging.WARNING",
         "test_security.py::test_debug_logs_do_not_show_the_password",
+    ),
+    (
+        "a client that sees no server through a node tries the next before NoServerError",
+        C,
+        "if not lost and (attempt > self.retries or len(self.nodes) < 2):",
+        "if not lost:",
+        "test_partition.py::test_a_20_s_cut_of_one_node_no_wrong_answer_no_raw_exception",
+    ),
+    (
+        "a server whose node is cut off (its queue counts no consumer) moves",
+        S,
+        "if not look.queue_declare(queue=args.queue, passive=True).method.consumer_count:",
+        "if not look.queue_declare(queue=args.queue, passive=True):",
+        "test_partition.py::test_a_20_s_cut_of_one_node_no_wrong_answer_no_raw_exception",
+    ),
+    (
+        "a failure while setting up a connection (541 on a cut-off node) moves to the next node",
+        C,
+        "self.connection = connect(self.nodes, self.open_channel)",
+        "self.connection = connect(self.nodes)\n        self.open_channel(self.connection)",
+        "test_partition.py::test_a_new_client_whose_first_node_is_cut_off_connects_through_another",
+    ),
+    (
+        "a close that a cut-off node holds is not waited for",
+        C,
+        "closer.join(2.0)",
+        "closer.join()",
+        "test_partition.py::test_a_20_s_cut_of_one_node_no_wrong_answer_no_raw_exception",
     ),
 ]
 

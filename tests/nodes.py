@@ -42,6 +42,7 @@ class Node:
         self.dir = BASE / name
         self.config = f"listeners.tcp.1 = 127.0.0.1:{port}\n{config}"
         self.files: dict[str, bytes] = {}  # written into dir by start(): see put()
+        self.command: list[str] = []  # runs the CLI and server elsewhere (tests/partition.py)
 
     @property
     def url(self) -> str:
@@ -55,7 +56,7 @@ class Node:
     def ctl(self, *args: str, timeout: float = 120) -> str:
         """Run rabbitmqctl against this node; return its output, raise if it fails."""
         done = subprocess.run(
-            ["rabbitmqctl", "-q", "-n", self.name, *args],
+            [*self.command, "rabbitmqctl", "-q", "-n", self.name, *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -87,7 +88,10 @@ class Node:
             "RABBITMQ_PID_FILE": str(self.dir / "pid"),
         }
         subprocess.run(
-            ["rabbitmq-server", "-detached"], env=env, check=True, cwd=tempfile.gettempdir()
+            [*self.command, "rabbitmq-server", "-detached"],
+            env=env,
+            check=True,
+            cwd=tempfile.gettempdir(),
         )
 
     def wait(self, timeout: float = 90) -> None:
@@ -129,6 +133,12 @@ def start_cluster(ports: tuple[int, ...] = CLUSTER_PORTS) -> list[Node]:
     """Start one node per port, c1@localhost first, and join the others to it."""
     config = CLUSTER_CONFIG_4 if rabbitmq_major() >= 4 else ""
     nodes = [Node(f"c{i}", port, config) for i, port in enumerate(ports, 1)]
+    join(nodes)
+    return nodes
+
+
+def join(nodes: list[Node]) -> None:
+    """Start the nodes and join the others to the first."""
     for node in nodes:
         node.start()
     for node in nodes:
@@ -138,7 +148,6 @@ def start_cluster(ports: tuple[int, ...] = CLUSTER_PORTS) -> list[Node]:
         node.ctl("join_cluster", nodes[0].name)
         node.ctl("start_app")
         node.wait()
-    return nodes
 
 
 def main(argv: list[str]) -> int:
