@@ -60,6 +60,9 @@ class Node:
             capture_output=True,
             text=True,
             timeout=timeout,
+            # NOTE: the CLI names itself after RABBITMQ_NODENAME's host, if set (scripts/test
+            # sets it for its main node): the node's own, or a node with long names hangs it.
+            env={**os.environ, "RABBITMQ_NODENAME": self.name},
         )
         if done.returncode != 0:
             raise RuntimeError(f"rabbitmqctl -n {self.name} {' '.join(args)}: {done.stderr}")
