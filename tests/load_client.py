@@ -2,7 +2,7 @@
 
     python -m tests.load_client URLS QUEUE [--seconds S] [--calls N] [--ns N,N,...]
 
-It prints "ready" once connected, calls until its stdin closes or a bound is reached
+It prints "ready" once connected, "answered N" at every tenth answer, calls until its stdin closes or a bound is reached
 (--seconds, --calls), then prints a JSON summary: calls, answers, wrong answers, errors
 by type (with the first messages), and the slowest call in seconds.
 """
@@ -59,6 +59,8 @@ def main(argv: list[str]) -> int:
             else:
                 if result == answers[n]:
                     answered += 1
+                    if answered % 10 == 0:  # for the test to wait on: the load goes on
+                        print(f"answered {answered}", flush=True)
                 elif len(wrong) < 5:
                     wrong.append(f"fib({n}) = {result}?")
             worst = max(worst, time.monotonic() - started)

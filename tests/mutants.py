@@ -1,11 +1,13 @@
 """Hand-written mutants: each removes the code that keeps one promise, and a test must fail.
 
-    python -m tests.mutants              # every mutant, with the tests that should kill it
-    python -m tests.mutants -k lock      # those whose promise or test names contain "lock"
+    ./scripts/test --mutants             # every mutant, on RabbitMQ 4.3 as the suite runs
+    ./scripts/test --mutants -k lock     # those whose promise or test names contain "lock"
     python -m tests.mutants --list       # the table, without running anything
 
-Each mutant is made in a copy of the project, never in the working tree, and runs only
-the tests named for it (with CI=true, so that disruptive tests run and none is skipped).
+First the tests named for the chosen mutants must pass on the code as it is (else a
+broker or node they need is missing, and every mutant would look killed). Then each
+mutant is made in a copy of the project, never in the working tree, and runs only the
+tests named for it (with CI=true, so that disruptive tests run and none is skipped).
 A mutant survives when those tests pass: then the promise has no test that proves it.
 """
 
@@ -374,6 +376,17 @@ MUTANTS = [
 ]
 
 
+def pytest(directory: Path | str, tests: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+        + [f"tests/{test}" for test in tests],
+        cwd=directory,
+        env={**os.environ, "CI": "true"},
+        capture_output=True,
+        text=True,
+    )
+
+
 def run(promise: str, file: str, keeps: str, mutated: str, tests: str) -> bool:
     """Make the mutant in a copy of the project; return True if its tests fail (killed)."""
     source = (ROOT / file).read_text()
@@ -382,14 +395,7 @@ def run(promise: str, file: str, keeps: str, mutated: str, tests: str) -> bool:
         ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", ".*_cache")
         shutil.copytree(ROOT, copy, dirs_exist_ok=True, ignore=ignore)
         (Path(copy) / file).write_text(source.replace(keeps, mutated))
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
-            + [f"tests/{test}" for test in tests.split()],
-            cwd=copy,
-            env={**os.environ, "CI": "true"},
-            capture_output=True,
-            text=True,
-        )
+        done = pytest(copy, tests.split())
     return done.returncode == 1  # 1: tests failed; 0: passed; others: could not run
 
 
@@ -399,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the table; run nothing")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if args.k in m[0] or args.k in m[4]]
+    if not args.list:
+        baseline = pytest(ROOT, sorted({test for m in chosen for test in m[4].split()}))
+        if baseline.returncode != 0:
+            print(baseline.stdout[-3000:], "\nThe tests fail with no mutant: nothing to prove.")
+            return 2
     survived = 0
     print("| promise | file | the test that kills it | killed |\n| --- | --- | --- | --- |")
     for promise, file, keeps, mutated, tests in chosen:

@@ -8,6 +8,7 @@ and TLS tests, and by `python -m tests.nodes start|stop` for a cluster by hand.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import os
 import shutil
@@ -18,8 +19,37 @@ import tempfile
 import time
 from pathlib import Path
 
-BASE = Path(tempfile.gettempdir()) / "rpc-rabbitmq-nodes"
-CLUSTER_PORTS = (5781, 5782, 5783)  # not the compose cluster's 5681-5683
+
+def claim_slot() -> int:
+    """This run's slot, 0 to 3. Its node names, ports, namespaces and directories are the
+    slot's own, so that a second run at the same time (in another clone, say) meets none
+    of them. The slot is held as long as its lock file is: scripts/test holds one for all
+    its processes and passes it on in RPC_TEST_SLOT; a pytest run alone takes its own."""
+    if os.environ.get("RPC_TEST_SLOT"):
+        return int(os.environ["RPC_TEST_SLOT"])
+    for slot in range(4):
+        path = Path(tempfile.gettempdir()) / f"rpc-tests-slot-{slot}.lock"
+        lock = open(path, "w")  # noqa: SIM115 (kept open: the lock is held while it is)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        LOCKS.append(lock)  # held until the process ends
+        os.environ["RPC_TEST_SLOT"] = str(slot)  # for the processes it starts
+        return slot
+    raise RuntimeError("four test runs are going on here already (rpc-tests-slot-0..3.lock)")
+
+
+def port(base: int) -> int:
+    """The slot's port for base (5781 in slot 0, 6781 in slot 1...)."""
+    return base + 1000 * SLOT
+
+
+LOCKS: list = []
+SLOT = claim_slot()
+BASE = Path(tempfile.gettempdir()) / f"rpc-rabbitmq-nodes-{SLOT}"
+CLUSTER_PORTS = (port(5781), port(5782), port(5783))  # not the compose cluster's 5681-5683
 # NOTE: RabbitMQ 4 keeps the requests a consumer on a lost node holds until this
 # many ms have passed (60 s by default), in case the node is only cut off; then
 # another server gets them. RabbitMQ 3 returns them at once and rejects the key.
@@ -34,10 +64,10 @@ def rabbitmq_major() -> int:
 
 
 class Node:
-    """One RabbitMQ node, c1@localhost on port 5781 say, with its data under BASE."""
+    """One RabbitMQ node, c1-0@localhost (c1 of slot 0) on port 5781 say, its data under BASE."""
 
     def __init__(self, name: str, port: int, config: str = "") -> None:
-        self.name = f"{name}@localhost"
+        self.name = f"{name}-{SLOT}@localhost"
         self.port = port
         self.dir = BASE / name
         self.config = f"listeners.tcp.1 = 127.0.0.1:{port}\n{config}"
@@ -133,7 +163,7 @@ class Node:
 
 
 def start_cluster(ports: tuple[int, ...] = CLUSTER_PORTS) -> list[Node]:
-    """Start one node per port, c1@localhost first, and join the others to it."""
+    """Start one node per port, c1 first, and join the others to it."""
     config = CLUSTER_CONFIG_4 if rabbitmq_major() >= 4 else ""
     nodes = [Node(f"c{i}", port, config) for i, port in enumerate(ports, 1)]
     join(nodes)

@@ -2,9 +2,10 @@
 
     python -m tests.partition up|down     the cluster by hand (up prints an AMQP_URL)
 
-Namespaces rpcpart1..3 hold one node each, part1..3@10.77.0.1..3 (long names on their
+Namespaces rpc0part1..3 hold one node each, part1..3@10.77.0.1..3 (long names on their
 addresses: nothing needs a hosts file), listening on PORT of their own address. A bridge
-in this namespace, with 10.77.0.254/24 of its own, joins them, so that clients and
+in this namespace, with 10.77.0.254/24 of its own, joins them (these names and addresses
+are slot 0's: tests/nodes.py gives each run at the same time a slot of its own), so that clients and
 servers started here reach every node. The subnet exists on this machine only. Each
 node runs the chroot of scripts/rabbitmq4 in a mount namespace of its own, with /proc and
 the temp directory mounted there: nothing is mounted where others see it, nothing outlives
@@ -29,13 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.nodes import CLUSTER_CONFIG_4, Node, join
+from tests.nodes import CLUSTER_CONFIG_4, SLOT, Node, join, port
 from tests.support import fail_or_skip, named
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBNET = "10.77.0"
-BRIDGE = "rpcpart0"
-PORT = 5790
+SUBNET = f"10.77.{SLOT}"  # the run's slot (tests/nodes.py), as are the names below
+BRIDGE = f"rpc{SLOT}part0"
+PORT = port(5790)
 # NOTE: a cut is seen after about net_ticktime (60 s by default: a 42 s cut goes unseen).
 CONFIG = (
     "net_ticktime = 10\nloopback_users = none\n" + CLUSTER_CONFIG_4
@@ -72,10 +73,10 @@ def ip(*args: str) -> None:
 
 
 class NamespacedNode(Node):
-    """Node i in namespace rpcpart{i}, on address 10.77.0.{i}."""
+    """Node i in namespace rpc0part{i}, on address 10.77.0.{i} (in slot 0)."""
 
     def __init__(self, i: int, chroot: Path) -> None:
-        self.ns, self.ip = f"rpcpart{i}", f"{SUBNET}.{i}"
+        self.ns, self.ip = f"rpc{SLOT}part{i}", f"{SUBNET}.{i}"
         super().__init__(f"part{i}", PORT)
         self.name = f"part{i}@{self.ip}"
         self.config = f"listeners.tcp.1 = {self.ip}:{PORT}\n{CONFIG}"

@@ -482,6 +482,17 @@ class Load:
         assert self.process.stdout is not None
         ready = self.process.stdout.readline()
         assert ready == "ready\n", f"the load process did not start: {self.killed_stderr()}"
+        self.answered = 0
+
+    def going_on(self, more: int = 50) -> None:
+        """Wait until the load has answered `more` calls since the last wait (or its start).
+        Bounded by the load's own --seconds: then its summary line ends the wait, failing."""
+        assert self.process.stdout is not None
+        target = self.answered + more
+        while self.answered < target:
+            line = self.process.stdout.readline()
+            assert line.startswith("answered "), f"the load ended: {line}{self.killed_stderr()}"
+            self.answered = int(line.split()[1])
 
     def killed_stderr(self) -> str:
         self.process.kill()

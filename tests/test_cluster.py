@@ -1,14 +1,14 @@
 """A three-node RabbitMQ cluster losing nodes, a resource alarm and a cancelled consumer.
 
 The nodes are started from the local rabbitmq-server on loopback (tests/nodes.py),
-c1..c3@localhost on ports 5781-5783, once for the module. Every test has a quorum
+c1..c3 on ports 5781-5783 (tests/nodes.py: in slot 0), once for the module. Every test has a quorum
 queue of its own with a member on each node; a node killed (SIGKILL: no goodbye to
 anyone) is started again with its data, and the queue's three members are back,
 before the next test. Servers and load clients are real processes given all three
 URLs, which each shuffles. The promise under test: no call lost, none answered
 wrongly, none later than its timeout (RpcTimeoutError would say so), and no
 NoServerError while servers reconnect. The memory and disk alarms are raised on a
-single node of its own (alarm1@localhost, port 5685), so that they disturb nothing else.
+single node of its own (alarm1, port 5685), so that they disturb nothing else.
 On RabbitMQ 4 the nodes set consumer_disconnected_timeout low (tests/nodes.py).
 """
 
@@ -31,7 +31,7 @@ import pytest
 
 import rpc_client
 import rpc_server
-from tests.nodes import CLUSTER_PORTS, Node, rabbitmq_major, start_cluster
+from tests.nodes import CLUSTER_PORTS, Node, port, rabbitmq_major, start_cluster
 from tests.support import (
     READY,
     Load,
@@ -45,7 +45,7 @@ from tests.support import (
 pytestmark = pytest.mark.local_rabbitmq
 
 ANSWERS = [rpc_server.fib(n) for n in range(301)]
-ALARM_PORT = 5685
+ALARM_PORT = port(5685)
 
 
 def cluster_url(nodes: list[Node], name: str | None = None) -> str:
@@ -131,13 +131,13 @@ def need_rabbitmq_server() -> None:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[list[Node]]:
-    """c1, c2 and c3@localhost, clustered; removed at the end of the module."""
+    """c1, c2 and c3, clustered; removed at the end of the module."""
     need_rabbitmq_server()
     try:
         yield start_cluster()
     finally:
-        for i, port in enumerate(CLUSTER_PORTS, 1):
-            Node(f"c{i}", port).remove()  # by name: start_cluster may have failed half-way
+        for i, node_port in enumerate(CLUSTER_PORTS, 1):
+            Node(f"c{i}", node_port).remove()  # by name: start_cluster may have failed half-way
 
 
 def declare(nodes: list[Node], queue: str, on: Node) -> None:
@@ -186,14 +186,22 @@ def start_servers(cluster: list[Node], queue: str) -> Iterator[Callable[..., lis
         server.kill()
 
 
-def run_loads(url: str, queue: str, count: int, disturb: Callable[[], None]) -> list[dict]:
-    """Run count load processes while disturb() runs; return their summaries."""
+def run_loads(
+    url: str, queue: str, count: int, disturb: Callable[[Callable[[], None]], None]
+) -> list[dict]:
+    """Run count load processes while disturb(going_on) runs; return their summaries.
+    going_on() waits until every load has answered more calls (50) since it last did."""
     loads: list[Load] = []
+
+    def going_on() -> None:
+        for load in loads:
+            load.going_on()
+
     try:
         loads = [Load(url, queue) for _ in range(count)]
-        time.sleep(2)  # load in full swing
-        disturb()
-        time.sleep(2)  # and going on after
+        going_on()  # in full swing
+        disturb(going_on)
+        going_on()  # and going on after
         return [load.finish() for load in loads]
     finally:
         for load in loads:
@@ -225,12 +233,12 @@ def test_each_node_killed_in_turn_under_load_every_call_answered(
 ) -> None:
     servers = start_servers(2)
 
-    def kill_each_node_in_turn() -> None:
+    def kill_each_node_in_turn(going_on: Callable[[], None]) -> None:
         for node in cluster:
             node.kill()
-            time.sleep(3)  # calls go on with two nodes
+            going_on()  # with two nodes
             restore(cluster, queue)
-            time.sleep(1)
+            going_on()  # with three again
 
     check(
         "each node killed in turn",
@@ -247,7 +255,7 @@ def test_the_queue_leader_killed_under_load_every_call_answered(
     servers = start_servers(2)
     killed: list[str] = []
 
-    def kill_the_leader() -> None:
+    def kill_the_leader(going_on: Callable[[], None]) -> None:
         leader = next(node for node in cluster if node.name == queue_info(cluster, queue)["leader"])
         killed.append(leader.name)
         leader.kill()
@@ -256,7 +264,7 @@ def test_the_queue_leader_killed_under_load_every_call_answered(
             30,
             "a new leader",
         )
-        time.sleep(3)
+        going_on()  # with the new leader
         restore(cluster, queue)
 
     summaries = run_loads(cluster_url(cluster), queue, 2, kill_the_leader)

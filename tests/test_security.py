@@ -21,7 +21,7 @@ import pika
 import pytest
 import trustme
 
-from tests.nodes import Node
+from tests.nodes import Node, port
 from tests.support import (
     READY,
     Server,
@@ -36,8 +36,8 @@ PASSWORD = "Marker-Pw-7c41e9"  # in every URL here; never in any output
 ADMIN = "rpc-admin"  # the nodes' default user (administrator, all permissions)
 TLS_QUEUE = "rpc_tls_queue"
 QUEUE = "rpc_queue"  # the queue the server's least-privilege permissions name
-PLAIN_PORT, TLS_PORT = 5691, 5692  # tls1's listeners
-MTLS_PORT = 5694  # mtls1's TLS listener (its plain one is on 5693)
+PLAIN_PORT, TLS_PORT = port(5691), port(5692)  # tls1's listeners (tests/nodes.py: slot 0)
+MTLS_PORT = port(5694)  # mtls1's TLS listener (its plain one is on 5693)
 HOSTNAME = "localhost"  # the only name in the nodes' certificates
 
 # The least permissions each script needs, (configure, write, read), found by experiment
@@ -170,7 +170,7 @@ def nodes(pki: Pki) -> Iterator[dict[str, Node]]:
         "tls": make_tls_node("tls1", PLAIN_PORT, pki.ca),
         "mtls": make_tls_node(
             "mtls1",
-            5693,
+            MTLS_PORT - 1,
             pki.ca,
             "ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n",
         ),
@@ -286,7 +286,7 @@ def test_mutual_tls_without_a_client_certificate_is_refused(
     mtls_node, pki, clean_env, script: str
 ) -> None:
     done = run(script, url(ADMIN, MTLS_PORT, ca_certs=str(pki.ca_file)), TLS_QUEUE)
-    assert_refused(done, script, "cannot connect to the broker at localhost:5694")
+    assert_refused(done, script, f"cannot connect to the broker at localhost:{MTLS_PORT}")
     # NOTE: in TLS 1.3 the broker refuses after the handshake, when the client has sent
     # its first bytes; its alert can be lost to the reset that closes the socket.
     assert "certificate required" in done.stderr or "EOF occurred" in done.stderr
