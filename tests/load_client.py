@@ -2,9 +2,10 @@
 
     python -m tests.load_client URLS QUEUE [--seconds S] [--calls N] [--ns N,N,...]
 
-It prints "ready" once connected, "answered N" at every tenth answer, calls until its stdin closes or a bound is reached
-(--seconds, --calls), then prints a JSON summary: calls, answers, wrong answers, errors
-by type (with the first messages), and the slowest call in seconds.
+It prints "ready" once connected and "answered N" at every tenth answer. It calls until
+its stdin closes or a bound is reached (--seconds, --calls), then prints a JSON summary:
+calls, answers, wrong answers, errors by type (with the first messages), and the slowest
+call in seconds.
 """
 
 from __future__ import annotations

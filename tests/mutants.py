@@ -373,6 +373,13 @@ MUTANTS = [
         "closer.join()",
         "test_partition.py::test_a_20_s_cut_of_one_node_no_wrong_answer_no_raw_exception",
     ),
+    (
+        "two test runs at the same time have node names, ports and a subnet of their own",
+        "tests/nodes.py",
+        "fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+        "pass",
+        "test_repository.py::test_a_second_run_at_the_same_time_takes_nodes_ports_and_a_subnet_of_its_own",
+    ),
 ]
 
 

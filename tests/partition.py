@@ -4,9 +4,9 @@
 
 Namespaces rpc0part1..3 hold one node each, part1..3@10.77.0.1..3 (long names on their
 addresses: nothing needs a hosts file), listening on PORT of their own address. A bridge
-in this namespace, with 10.77.0.254/24 of its own, joins them (these names and addresses
-are slot 0's: tests/nodes.py gives each run at the same time a slot of its own), so that clients and
-servers started here reach every node. The subnet exists on this machine only. Each
+in this namespace, with 10.77.0.254/24 of its own, joins them, so that clients and
+servers started here reach every node. (These names and addresses are slot 0's:
+tests/nodes.py gives each run going on at the same time a slot of its own.) The subnet exists on this machine only. Each
 node runs the chroot of scripts/rabbitmq4 in a mount namespace of its own, with /proc and
 the temp directory mounted there: nothing is mounted where others see it, nothing outlives
 the node. Each node's epmd starts in its own network namespace.

@@ -1,7 +1,7 @@
 """A three-node RabbitMQ cluster losing nodes, a resource alarm and a cancelled consumer.
 
 The nodes are started from the local rabbitmq-server on loopback (tests/nodes.py),
-c1..c3 on ports 5781-5783 (tests/nodes.py: in slot 0), once for the module. Every test has a quorum
+c1..c3 on ports 5781-5783 (in slot 0), once for the module. Every test has a quorum
 queue of its own with a member on each node; a node killed (SIGKILL: no goodbye to
 anyone) is started again with its data, and the queue's three members are back,
 before the next test. Servers and load clients are real processes given all three

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 
 import yaml
 
+from tests import nodes, partition
 from tests.support import (
     ROOT,
 )
+
+# The slot 0 ports of every node the tests start: the cluster, alarm, TLS, main and partition nodes.
+NODE_PORTS = (5685, 5691, 5692, 5693, 5694, 5700, 5781, 5782, 5783, 5790)
 
 
 def test_compose_file_runs_a_current_rabbitmq_with_a_healthcheck() -> None:
@@ -55,6 +61,28 @@ def test_compose_cluster_profile_runs_three_clustered_nodes() -> None:
     assert settings["cluster_formation.peer_discovery_backend"] == "classic_config"
     listed = {v for k, v in settings.items() if k.startswith("cluster_formation.classic_config.")}
     assert listed == {f"rabbit@{name}" for name in nodes}
+
+
+def test_a_second_run_at_the_same_time_takes_nodes_ports_and_a_subnet_of_its_own() -> None:
+    """This run holds its slot (tests/nodes.py); a second one started now takes another."""
+    probe = (
+        "import json; from tests import nodes, partition; print(json.dumps([nodes.SLOT,"
+        f" partition.SUBNET, str(nodes.BASE), [nodes.port(p) for p in {NODE_PORTS}]]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RPC_TEST_SLOT"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    slot, subnet, base, ports = json.loads(done.stdout)
+    assert slot != nodes.SLOT and subnet != partition.SUBNET and base != str(nodes.BASE)
+    ours = {nodes.port(p) for p in NODE_PORTS}
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    published = {
+        int(mapping.split(":")[0])
+        for service in compose["services"].values()
+        for mapping in service["ports"]
+    }
+    assert not ours & set(ports) and not (ours | set(ports)) & published
 
 
 def test_readme_quickstart_names_the_two_commands_ci_runs() -> None:
