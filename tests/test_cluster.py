@@ -48,186 +48,6 @@ ANSWERS = [rpc_server.fib(n) for n in range(301)]
 ALARM_PORT = port(5685)
 
 
-def cluster_url(nodes: list[Node], name: str | None = None) -> str:
-    """One URL per node, comma-separated: what every process of these tests is given."""
-    return ",".join(node.url if name is None else named(node.url, name) for node in nodes)
-
-
-def up(nodes: list[Node]) -> list[Node]:
-    return [node for node in nodes if node.pid() is not None]
-
-
-def queue_info(nodes: list[Node], queue: str) -> dict:
-    """The queue's name, leader, members and online members, as a node that is up lists them."""
-    listed = json.loads(
-        up(nodes)[0].ctl(
-            "list_queues", "name", "leader", "members", "online", "--formatter", "json"
-        )
-    )
-    return next((info for info in listed if info["name"] == queue), {})
-
-
-def unacked(node: Node, queue: str) -> int:
-    listed = json.loads(
-        node.ctl("list_queues", "name", "messages_unacknowledged", "--formatter", "json")
-    )
-    return next((info["messages_unacknowledged"] for info in listed if info["name"] == queue), 0)
-
-
-def raft_states(node: Node, queue: str) -> dict[str, str]:
-    """Each member of the quorum queue and its Raft state (leader, follower...)."""
-    done = subprocess.run(
-        ["rabbitmq-queues", "-q", "-n", node.name, "quorum_status", queue, "--formatter", "json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if done.returncode != 0:
-        return {}
-    return {member["Node Name"]: member["Raft State"] for member in json.loads(done.stdout)}
-
-
-def all_members_in_step(nodes: list[Node], queue: str) -> bool:
-    states = raft_states(up(nodes)[0], queue)
-    return sorted(states) == sorted(node.name for node in nodes) and sorted(states.values()) == [
-        "follower",
-        "follower",
-        "leader",
-    ]
-
-
-def restore(nodes: list[Node], queue: str) -> None:
-    """Start every killed node again with its data; wait until the queue has its 3 members."""
-    down = [node for node in nodes if node.pid() is None]
-    for node in down:
-        node.start(fresh=False)
-    for node in down:
-        node.wait()
-    if down and queue_info(nodes, queue):
-        wait_until(lambda: all_members_in_step(nodes, queue), 60, f"{queue}: 3 members in step")
-
-
-def node_of(nodes: list[Node], connection_name: str) -> Node:
-    """The node that a connection of this name is connected to."""
-    listed = json.loads(
-        up(nodes)[0].ctl("list_connections", "client_properties", "port", "--formatter", "json")
-    )
-    ports = [
-        connection["port"]
-        for connection in listed
-        if ["connection_name", "longstr", connection_name] in connection["client_properties"]
-    ]
-    assert len(ports) == 1, f"{connection_name!r} connected to {ports}"
-    return next(node for node in nodes if node.port == ports[0])
-
-
-def need_rabbitmq_server() -> None:
-    """Skip without a local rabbitmq-server, or fail loudly in CI, which must have one."""
-    if shutil.which("rabbitmq-server") is None:
-        fail_or_skip(
-            "rabbitmq-server is not installed: these tests start RabbitMQ nodes of their own"
-        )
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[list[Node]]:
-    """c1, c2 and c3, clustered; removed at the end of the module."""
-    need_rabbitmq_server()
-    try:
-        yield start_cluster()
-    finally:
-        for i, node_port in enumerate(CLUSTER_PORTS, 1):
-            Node(f"c{i}", node_port).remove()  # by name: start_cluster may have failed half-way
-
-
-def declare(nodes: list[Node], queue: str, on: Node) -> None:
-    """Declare the queue as the server does, through a connection to on, which leads it.
-
-    Waits until the queue has a member in step on each node. Declared anew if it exists
-    with its leader elsewhere (RabbitMQ puts a quorum queue's leader on the declarer's node).
-    """
-    connection = pika.BlockingConnection(pika.URLParameters(on.url))
-    channel = connection.channel()
-    if queue_info(nodes, queue).get("leader", on.name) != on.name:
-        channel.queue_delete(queue=queue)
-    channel.queue_declare(queue=queue, durable=True, arguments=rpc_server.QUEUE_ARGUMENTS)
-    connection.close()
-    wait_until(lambda: all_members_in_step(nodes, queue), 30, f"{queue}: three members")
-    assert queue_info(nodes, queue)["leader"] == on.name
-
-
-@pytest.fixture
-def queue(cluster: list[Node]) -> Iterator[str]:
-    """A quorum queue of the test's own, with a member on each node; its leader on c1."""
-    name = f"rpc_cluster_{uuid.uuid4().hex}"
-    declare(cluster, name, on=cluster[0])
-    yield name
-    restore(cluster, name)  # a test that failed half-way may have left a node down
-    connection = pika.BlockingConnection(pika.URLParameters(cluster[0].url))
-    connection.channel().queue_delete(queue=name)
-    connection.close()
-
-
-@pytest.fixture
-def start_servers(cluster: list[Node], queue: str) -> Iterator[Callable[..., list[Server]]]:
-    """Start rpc_server.py processes on the test's queue, given all three URLs; wait until ready."""
-    servers: list[Server] = []
-
-    def start(count: int) -> list[Server]:
-        env = {**os.environ, "AMQP_URL": cluster_url(cluster), "PYTHONUNBUFFERED": "1"}
-        started = [Server(["--queue", queue, "--quiet"], env) for _ in range(count)]
-        servers.extend(started)
-        for server in started:
-            server.wait_for(READY)
-        return started
-
-    yield start
-    for server in servers:
-        server.kill()
-
-
-def run_loads(
-    url: str, queue: str, count: int, disturb: Callable[[Callable[[], None]], None]
-) -> list[dict]:
-    """Run count load processes while disturb(going_on) runs; return their summaries.
-    going_on() waits until every load has answered more calls (50) since it last did."""
-    loads: list[Load] = []
-
-    def going_on() -> None:
-        for load in loads:
-            load.going_on()
-
-    try:
-        loads = [Load(url, queue) for _ in range(count)]
-        going_on()  # in full swing
-        disturb(going_on)
-        going_on()  # and going on after
-        return [load.finish() for load in loads]
-    finally:
-        for load in loads:
-            load.kill()
-
-
-def check(what: str, summaries: list[dict], servers: list[Server]) -> None:
-    """Report the figures, then assert every call was answered, correctly."""
-    calls = sum(summary["calls"] for summary in summaries)
-    errors = sum(sum(summary["errors"].values()) for summary in summaries)
-    worst = max(summary["worst"] for summary in summaries)
-    lost = sum(summary["lost"] for summary in summaries)
-    refused = sum(summary["refused"] for summary in summaries)
-    moved = sum("connection lost" in line for server in servers for line in server.stderr)
-    print(
-        f"\n{what}: {calls} calls, {errors} errors, worst call {worst:.2f} s; "
-        f"sent again: {lost} after a lost connection, {refused} after a refusal; "
-        f"servers reconnected {moved} times"
-    )
-    for summary in summaries:
-        assert summary["errors"] == {}, summary["first_errors"]
-        assert summary["wrong"] == []
-        assert summary["answered"] == summary["calls"] > 0
-        assert summary["stopped"], "the load ended before the disturbance did"
-
-
 def test_each_node_killed_in_turn_under_load_every_call_answered(
     cluster: list[Node], queue: str, start_servers
 ) -> None:
@@ -478,3 +298,186 @@ def test_a_request_held_on_a_dead_node_is_answered_by_another_server_within_5_s(
         for server in (holder, other):
             if server is not None:
                 server.kill()
+
+
+# --- the helpers and fixtures of the tests above ------------------------------------------
+
+
+def cluster_url(nodes: list[Node], name: str | None = None) -> str:
+    """One URL per node, comma-separated: what every process of these tests is given."""
+    return ",".join(node.url if name is None else named(node.url, name) for node in nodes)
+
+
+def up(nodes: list[Node]) -> list[Node]:
+    return [node for node in nodes if node.pid() is not None]
+
+
+def queue_info(nodes: list[Node], queue: str) -> dict:
+    """The queue's name, leader, members and online members, as a node that is up lists them."""
+    listed = json.loads(
+        up(nodes)[0].ctl(
+            "list_queues", "name", "leader", "members", "online", "--formatter", "json"
+        )
+    )
+    return next((info for info in listed if info["name"] == queue), {})
+
+
+def unacked(node: Node, queue: str) -> int:
+    listed = json.loads(
+        node.ctl("list_queues", "name", "messages_unacknowledged", "--formatter", "json")
+    )
+    return next((info["messages_unacknowledged"] for info in listed if info["name"] == queue), 0)
+
+
+def raft_states(node: Node, queue: str) -> dict[str, str]:
+    """Each member of the quorum queue and its Raft state (leader, follower...)."""
+    done = subprocess.run(
+        ["rabbitmq-queues", "-q", "-n", node.name, "quorum_status", queue, "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        return {}
+    return {member["Node Name"]: member["Raft State"] for member in json.loads(done.stdout)}
+
+
+def all_members_in_step(nodes: list[Node], queue: str) -> bool:
+    states = raft_states(up(nodes)[0], queue)
+    return sorted(states) == sorted(node.name for node in nodes) and sorted(states.values()) == [
+        "follower",
+        "follower",
+        "leader",
+    ]
+
+
+def restore(nodes: list[Node], queue: str) -> None:
+    """Start every killed node again with its data; wait until the queue has its 3 members."""
+    down = [node for node in nodes if node.pid() is None]
+    for node in down:
+        node.start(fresh=False)
+    for node in down:
+        node.wait()
+    if down and queue_info(nodes, queue):
+        wait_until(lambda: all_members_in_step(nodes, queue), 60, f"{queue}: 3 members in step")
+
+
+def node_of(nodes: list[Node], connection_name: str) -> Node:
+    """The node that a connection of this name is connected to."""
+    listed = json.loads(
+        up(nodes)[0].ctl("list_connections", "client_properties", "port", "--formatter", "json")
+    )
+    ports = [
+        connection["port"]
+        for connection in listed
+        if ["connection_name", "longstr", connection_name] in connection["client_properties"]
+    ]
+    assert len(ports) == 1, f"{connection_name!r} connected to {ports}"
+    return next(node for node in nodes if node.port == ports[0])
+
+
+def need_rabbitmq_server() -> None:
+    """Skip without a local rabbitmq-server, or fail loudly in CI, which must have one."""
+    if shutil.which("rabbitmq-server") is None:
+        fail_or_skip(
+            "rabbitmq-server is not installed: these tests start RabbitMQ nodes of their own"
+        )
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[Node]]:
+    """c1, c2 and c3, clustered; removed at the end of the module."""
+    need_rabbitmq_server()
+    try:
+        yield start_cluster()
+    finally:
+        for i, node_port in enumerate(CLUSTER_PORTS, 1):
+            Node(f"c{i}", node_port).remove()  # by name: start_cluster may have failed half-way
+
+
+def declare(nodes: list[Node], queue: str, on: Node) -> None:
+    """Declare the queue as the server does, through a connection to on, which leads it.
+
+    Waits until the queue has a member in step on each node. Declared anew if it exists
+    with its leader elsewhere (RabbitMQ puts a quorum queue's leader on the declarer's node).
+    """
+    connection = pika.BlockingConnection(pika.URLParameters(on.url))
+    channel = connection.channel()
+    if queue_info(nodes, queue).get("leader", on.name) != on.name:
+        channel.queue_delete(queue=queue)
+    channel.queue_declare(queue=queue, durable=True, arguments=rpc_server.QUEUE_ARGUMENTS)
+    connection.close()
+    wait_until(lambda: all_members_in_step(nodes, queue), 30, f"{queue}: three members")
+    assert queue_info(nodes, queue)["leader"] == on.name
+
+
+@pytest.fixture
+def queue(cluster: list[Node]) -> Iterator[str]:
+    """A quorum queue of the test's own, with a member on each node; its leader on c1."""
+    name = f"rpc_cluster_{uuid.uuid4().hex}"
+    declare(cluster, name, on=cluster[0])
+    yield name
+    restore(cluster, name)  # a test that failed half-way may have left a node down
+    connection = pika.BlockingConnection(pika.URLParameters(cluster[0].url))
+    connection.channel().queue_delete(queue=name)
+    connection.close()
+
+
+@pytest.fixture
+def start_servers(cluster: list[Node], queue: str) -> Iterator[Callable[..., list[Server]]]:
+    """Start rpc_server.py processes on the test's queue, given all three URLs; wait until ready."""
+    servers: list[Server] = []
+
+    def start(count: int) -> list[Server]:
+        env = {**os.environ, "AMQP_URL": cluster_url(cluster), "PYTHONUNBUFFERED": "1"}
+        started = [Server(["--queue", queue, "--quiet"], env) for _ in range(count)]
+        servers.extend(started)
+        for server in started:
+            server.wait_for(READY)
+        return started
+
+    yield start
+    for server in servers:
+        server.kill()
+
+
+def run_loads(
+    url: str, queue: str, count: int, disturb: Callable[[Callable[[], None]], None]
+) -> list[dict]:
+    """Run count load processes while disturb(going_on) runs; return their summaries.
+    going_on() waits until every load has answered more calls (50) since it last did."""
+    loads: list[Load] = []
+
+    def going_on() -> None:
+        for load in loads:
+            load.going_on()
+
+    try:
+        loads = [Load(url, queue) for _ in range(count)]
+        going_on()  # in full swing
+        disturb(going_on)
+        going_on()  # and going on after
+        return [load.finish() for load in loads]
+    finally:
+        for load in loads:
+            load.kill()
+
+
+def check(what: str, summaries: list[dict], servers: list[Server]) -> None:
+    """Report the figures, then assert every call was answered, correctly."""
+    calls = sum(summary["calls"] for summary in summaries)
+    errors = sum(sum(summary["errors"].values()) for summary in summaries)
+    worst = max(summary["worst"] for summary in summaries)
+    lost = sum(summary["lost"] for summary in summaries)
+    refused = sum(summary["refused"] for summary in summaries)
+    moved = sum("connection lost" in line for server in servers for line in server.stderr)
+    print(
+        f"\n{what}: {calls} calls, {errors} errors, worst call {worst:.2f} s; "
+        f"sent again: {lost} after a lost connection, {refused} after a refusal; "
+        f"servers reconnected {moved} times"
+    )
+    for summary in summaries:
+        assert summary["errors"] == {}, summary["first_errors"]
+        assert summary["wrong"] == []
+        assert summary["answered"] == summary["calls"] > 0
+        assert summary["stopped"], "the load ended before the disturbance did"

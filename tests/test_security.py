@@ -55,6 +55,120 @@ LEAST_PRIVILEGE = {
 NARROWED = "rpc-narrowed"  # an account given the minimum less one grant, test by test
 
 
+SCRIPTS = ["rpc_server.py", "rpc_client.py"]
+
+
+def test_tls_with_the_ca_in_ssl_cert_file(tls_node, pki, clean_env) -> None:
+    clean_env.setenv("SSL_CERT_FILE", str(pki.ca_file))
+    address = url(ADMIN, TLS_PORT)
+    with serving(address, TLS_QUEUE):
+        assert_answered(call(address, TLS_QUEUE))
+
+
+def test_tls_with_the_ca_in_the_url(tls_node, pki, clean_env) -> None:
+    address = url(ADMIN, TLS_PORT, ca_certs=str(pki.ca_file))
+    with serving(address, TLS_QUEUE):
+        assert_answered(call(address, TLS_QUEUE))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_untrusted_certificate_is_refused(tls_node, clean_env, script: str) -> None:
+    done = run(script, url(ADMIN, TLS_PORT), TLS_QUEUE)
+    assert_refused(done, script, "CERTIFICATE_VERIFY_FAILED")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_certificate_for_another_name_is_refused(tls_node, pki, clean_env, script) -> None:
+    clean_env.setenv("SSL_CERT_FILE", str(pki.ca_file))
+    done = run(script, url(ADMIN, TLS_PORT, host="127.0.0.1"), TLS_QUEUE)  # not localhost
+    assert_refused(done, script, "mismatch, certificate is not valid for '127.0.0.1'")
+
+
+def test_a_wrong_password_is_refused_and_not_shown(tls_node, pki, clean_env) -> None:
+    address = url(ADMIN, TLS_PORT, ca_certs=str(pki.ca_file))
+    done = run("rpc_client.py", address.replace(PASSWORD, PASSWORD + "-wrong"), TLS_QUEUE)
+    assert_refused(done, "rpc_client.py", "ACCESS_REFUSED")
+
+
+def test_debug_logs_do_not_show_the_password(tls_node, pki, clean_env) -> None:
+    address = url(ADMIN, TLS_PORT, ca_certs=str(pki.ca_file))
+    with serving(address, TLS_QUEUE, "--verbose") as server:  # pika's frames and parameters too
+        done = run("rpc_client.py", address, TLS_QUEUE, "--verbose")
+    assert done.returncode == 0, done.stderr
+    # Both logged at debug level, pika included (serving() and run() look for the password).
+    for logged in (done.stderr, "\n".join(server.stderr)):
+        assert " DEBUG pika." in logged
+
+
+def test_mutual_tls_with_a_client_certificate(mtls_node, pki, clean_env) -> None:
+    address = url(
+        ADMIN,
+        MTLS_PORT,
+        ca_certs=str(pki.ca_file),
+        certfile=str(pki.client_cert),
+        keyfile=str(pki.client_key),
+    )
+    with serving(address, TLS_QUEUE):
+        assert_answered(call(address, TLS_QUEUE))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_mutual_tls_without_a_client_certificate_is_refused(
+    mtls_node, pki, clean_env, script: str
+) -> None:
+    done = run(script, url(ADMIN, MTLS_PORT, ca_certs=str(pki.ca_file)), TLS_QUEUE)
+    assert_refused(done, script, f"cannot connect to the broker at localhost:{MTLS_PORT}")
+    # NOTE: in TLS 1.3 the broker refuses after the handshake, when the client has sent
+    # its first bytes; its alert can be lost to the reset that closes the socket.
+    assert "certificate required" in done.stderr or "EOF occurred" in done.stderr
+
+
+def test_least_privilege_accounts_answer(declared_queue: str) -> None:
+    with serving(url("rpc-server", PLAIN_PORT), declared_queue) as server:
+        assert_answered(call(url("rpc-client", PLAIN_PORT), declared_queue))
+    said = "this account may not declare 'rpc_queue'; using it as declared"
+    assert len([line for line in server.stderr if said in line]) == 1, server.stderr
+
+
+def test_least_privilege_server_without_its_queue_exits(accounts: Node) -> None:
+    with admin() as channel:
+        channel.queue_delete(QUEUE)
+    done = run("rpc_server.py", url("rpc-server", PLAIN_PORT), QUEUE)
+    reason = "no queue 'rpc_queue' in vhost '/', and this account may not declare it"
+    assert_refused(done, "rpc_server.py", reason)
+
+
+@pytest.mark.parametrize(
+    ("account", "grant", "refusal"),
+    [
+        ("rpc-server", 1, "access to exchange 'amq.default'"),  # its reply
+        ("rpc-server", 2, "access to queue 'rpc_queue'"),
+        ("rpc-client", 0, "access to queue 'amq.gen-"),
+        ("rpc-client", 1, "access to exchange 'amq.default'"),  # its request
+        ("rpc-client", 2, "access to queue 'amq.gen-"),
+    ],
+    ids=["server-write", "server-read", "client-configure", "client-write", "client-read"],
+)
+def test_each_grant_of_the_minimum_is_needed(
+    accounts: Node, declared_queue: str, account: str, grant: int, refusal: str
+) -> None:
+    narrowed = ["^$" if i == grant else p for i, p in enumerate(LEAST_PRIVILEGE[account])]
+    accounts.ctl("set_permissions", "-p", "/", NARROWED, *narrowed)
+    users = {name: NARROWED if name == account else name for name in LEAST_PRIVILEGE}
+    with serving(url(users["rpc-server"], PLAIN_PORT), declared_queue, ready=False) as server:
+        done = call(url(users["rpc-client"], PLAIN_PORT), declared_queue)
+        status = server.wait() if account == "rpc-server" else None
+    if account == "rpc-client":
+        assert_refused(done, "rpc_client.py", refusal)
+    else:  # the server exits at the refusal, saying it; the client has no answer
+        said = [line for line in server.stderr if line.startswith("rpc_server: ")]
+        assert status == 1 and len(said) == 1 and refusal in said[0], server.stderr
+        assert done.returncode == 1, done.stderr
+
+
+# --- the helpers and fixtures of the tests above ------------------------------------------
+
+
 @dataclass
 class Pki:
     ca: trustme.CA
@@ -222,114 +336,3 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     return monkeypatch
-
-
-SCRIPTS = ["rpc_server.py", "rpc_client.py"]
-
-
-def test_tls_with_the_ca_in_ssl_cert_file(tls_node, pki, clean_env) -> None:
-    clean_env.setenv("SSL_CERT_FILE", str(pki.ca_file))
-    address = url(ADMIN, TLS_PORT)
-    with serving(address, TLS_QUEUE):
-        assert_answered(call(address, TLS_QUEUE))
-
-
-def test_tls_with_the_ca_in_the_url(tls_node, pki, clean_env) -> None:
-    address = url(ADMIN, TLS_PORT, ca_certs=str(pki.ca_file))
-    with serving(address, TLS_QUEUE):
-        assert_answered(call(address, TLS_QUEUE))
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_an_untrusted_certificate_is_refused(tls_node, clean_env, script: str) -> None:
-    done = run(script, url(ADMIN, TLS_PORT), TLS_QUEUE)
-    assert_refused(done, script, "CERTIFICATE_VERIFY_FAILED")
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_a_certificate_for_another_name_is_refused(tls_node, pki, clean_env, script) -> None:
-    clean_env.setenv("SSL_CERT_FILE", str(pki.ca_file))
-    done = run(script, url(ADMIN, TLS_PORT, host="127.0.0.1"), TLS_QUEUE)  # not localhost
-    assert_refused(done, script, "mismatch, certificate is not valid for '127.0.0.1'")
-
-
-def test_a_wrong_password_is_refused_and_not_shown(tls_node, pki, clean_env) -> None:
-    address = url(ADMIN, TLS_PORT, ca_certs=str(pki.ca_file))
-    done = run("rpc_client.py", address.replace(PASSWORD, PASSWORD + "-wrong"), TLS_QUEUE)
-    assert_refused(done, "rpc_client.py", "ACCESS_REFUSED")
-
-
-def test_debug_logs_do_not_show_the_password(tls_node, pki, clean_env) -> None:
-    address = url(ADMIN, TLS_PORT, ca_certs=str(pki.ca_file))
-    with serving(address, TLS_QUEUE, "--verbose") as server:  # pika's frames and parameters too
-        done = run("rpc_client.py", address, TLS_QUEUE, "--verbose")
-    assert done.returncode == 0, done.stderr
-    # Both logged at debug level, pika included (serving() and run() look for the password).
-    for logged in (done.stderr, "\n".join(server.stderr)):
-        assert " DEBUG pika." in logged
-
-
-def test_mutual_tls_with_a_client_certificate(mtls_node, pki, clean_env) -> None:
-    address = url(
-        ADMIN,
-        MTLS_PORT,
-        ca_certs=str(pki.ca_file),
-        certfile=str(pki.client_cert),
-        keyfile=str(pki.client_key),
-    )
-    with serving(address, TLS_QUEUE):
-        assert_answered(call(address, TLS_QUEUE))
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_mutual_tls_without_a_client_certificate_is_refused(
-    mtls_node, pki, clean_env, script: str
-) -> None:
-    done = run(script, url(ADMIN, MTLS_PORT, ca_certs=str(pki.ca_file)), TLS_QUEUE)
-    assert_refused(done, script, f"cannot connect to the broker at localhost:{MTLS_PORT}")
-    # NOTE: in TLS 1.3 the broker refuses after the handshake, when the client has sent
-    # its first bytes; its alert can be lost to the reset that closes the socket.
-    assert "certificate required" in done.stderr or "EOF occurred" in done.stderr
-
-
-def test_least_privilege_accounts_answer(declared_queue: str) -> None:
-    with serving(url("rpc-server", PLAIN_PORT), declared_queue) as server:
-        assert_answered(call(url("rpc-client", PLAIN_PORT), declared_queue))
-    said = "this account may not declare 'rpc_queue'; using it as declared"
-    assert len([line for line in server.stderr if said in line]) == 1, server.stderr
-
-
-def test_least_privilege_server_without_its_queue_exits(accounts: Node) -> None:
-    with admin() as channel:
-        channel.queue_delete(QUEUE)
-    done = run("rpc_server.py", url("rpc-server", PLAIN_PORT), QUEUE)
-    reason = "no queue 'rpc_queue' in vhost '/', and this account may not declare it"
-    assert_refused(done, "rpc_server.py", reason)
-
-
-@pytest.mark.parametrize(
-    ("account", "grant", "refusal"),
-    [
-        ("rpc-server", 1, "access to exchange 'amq.default'"),  # its reply
-        ("rpc-server", 2, "access to queue 'rpc_queue'"),
-        ("rpc-client", 0, "access to queue 'amq.gen-"),
-        ("rpc-client", 1, "access to exchange 'amq.default'"),  # its request
-        ("rpc-client", 2, "access to queue 'amq.gen-"),
-    ],
-    ids=["server-write", "server-read", "client-configure", "client-write", "client-read"],
-)
-def test_each_grant_of_the_minimum_is_needed(
-    accounts: Node, declared_queue: str, account: str, grant: int, refusal: str
-) -> None:
-    narrowed = ["^$" if i == grant else p for i, p in enumerate(LEAST_PRIVILEGE[account])]
-    accounts.ctl("set_permissions", "-p", "/", NARROWED, *narrowed)
-    users = {name: NARROWED if name == account else name for name in LEAST_PRIVILEGE}
-    with serving(url(users["rpc-server"], PLAIN_PORT), declared_queue, ready=False) as server:
-        done = call(url(users["rpc-client"], PLAIN_PORT), declared_queue)
-        status = server.wait() if account == "rpc-server" else None
-    if account == "rpc-client":
-        assert_refused(done, "rpc_client.py", refusal)
-    else:  # the server exits at the refusal, saying it; the client has no answer
-        said = [line for line in server.stderr if line.startswith("rpc_server: ")]
-        assert status == 1 and len(said) == 1 and refusal in said[0], server.stderr
-        assert done.returncode == 1, done.stderr
