@@ -83,7 +83,7 @@ def broker_parameters(
 
 
 def connect(nodes: list[pika.URLParameters], setup: Callable = bool) -> pika.BlockingConnection:
-    """A connection to the first node that answers and takes setup(connection), moved last."""
+    """A connection to the first node that answers and takes setup() (bool: none), moved last."""
     errors = []  # where each node is, without the credentials (URLs carry passwords)
     for _ in nodes:
         nodes.append(node := nodes.pop(0))  # the next connect starts after it: a lost node last

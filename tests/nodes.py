@@ -50,6 +50,7 @@ LOCKS: list = []
 SLOT = claim_slot()
 BASE = Path(tempfile.gettempdir()) / f"rpc-rabbitmq-nodes-{SLOT}"
 CLUSTER_PORTS = (port(5781), port(5782), port(5783))  # not the compose cluster's 5681-5683
+MAIN_PORT = port(5700)  # scripts/test's RabbitMQ 4.3 node, which the whole suite runs on
 # NOTE: RabbitMQ 4 keeps the requests a consumer on a lost node holds until this
 # many ms have passed (60 s by default), in case the node is only cut off; then
 # another server gets them. RabbitMQ 3 returns them at once and rejects the key.

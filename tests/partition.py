@@ -6,10 +6,11 @@ Namespaces rpc0part1..3 hold one node each, part1..3@10.77.0.1..3 (long names on
 addresses: nothing needs a hosts file), listening on PORT of their own address. A bridge
 in this namespace, with 10.77.0.254/24 of its own, joins them, so that clients and
 servers started here reach every node. (These names and addresses are slot 0's:
-tests/nodes.py gives each run going on at the same time a slot of its own.) The subnet exists on this machine only. Each
-node runs the chroot of scripts/rabbitmq4 in a mount namespace of its own, with /proc and
-the temp directory mounted there: nothing is mounted where others see it, nothing outlives
-the node. Each node's epmd starts in its own network namespace.
+tests/nodes.py gives each run going on at the same time a slot of its own.) The subnet
+exists on this machine only. Each node runs the chroot of scripts/rabbitmq4 in a mount
+namespace of its own, with /proc and the temp directory mounted there: nothing is mounted
+where others see it, nothing outlives the node. Each node's epmd starts in its own network
+namespace.
 
 A cut is a blackhole route each way between one node and the two others; this namespace
 still reaches all three, as a client on either side would. With net_ticktime = 10 the
@@ -51,21 +52,27 @@ IN_CHROOT = (
 )
 
 
+def chroot() -> Path:
+    """The 4.3 chroot (scripts/rabbitmq4 root), built if need be; RuntimeError if it cannot be."""
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "rabbitmq4"), "root"], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"RabbitMQ 4.3: {done.stderr.strip()}")
+    return Path(done.stdout.strip())
+
+
 def need_tools() -> Path:
-    """The 4.3 chroot, built if need be; without root or iproute2 a skip (a failure in CI)."""
+    """The 4.3 chroot; without root, iproute2 or the chroot a skip (a failure in CI)."""
     missing = [tool for tool in ("ip", "unshare", "chroot") if shutil.which(tool) is None]
     why = "root" if os.geteuid() != 0 else " and ".join(missing)
     if why:
-        message = f"partition tests need {why}: they put RabbitMQ nodes in network namespaces"
-    else:
-        done = subprocess.run(
-            [str(ROOT / "scripts" / "rabbitmq4"), "root"], capture_output=True, text=True
-        )
-        if done.returncode == 0:
-            return Path(done.stdout.strip())
-        message = f"partition tests need RabbitMQ 4.3: {done.stderr.strip()}"
-    fail_or_skip(message)
-    raise AssertionError("unreachable")  # fail_or_skip raises
+        fail_or_skip(f"partition tests need {why}: they put RabbitMQ nodes in network namespaces")
+    try:
+        return chroot()
+    except RuntimeError as error:
+        fail_or_skip(f"partition tests need {error}")
+        raise  # fail_or_skip raises
 
 
 def ip(*args: str) -> None:
@@ -183,8 +190,7 @@ class Partition:
 
 
 def main(argv: list[str]) -> int:
-    done = subprocess.run([str(ROOT / "scripts" / "rabbitmq4"), "root"], capture_output=True)
-    partition = Partition(Path(done.stdout.decode().strip()))
+    partition = Partition(chroot())  # RuntimeError, saying why, if it cannot be built
     if argv == ["up"]:
         partition.start()
         print(",".join(node.url for node in partition.nodes))

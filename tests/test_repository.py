@@ -9,19 +9,27 @@ import sys
 
 import yaml
 
-from tests import nodes, partition
+from tests import nodes, partition, test_cluster, test_security
 from tests.support import (
     ROOT,
 )
 
-# The slot 0 ports of every node the tests start: the cluster, alarm, TLS, main and partition nodes.
-NODE_PORTS = (5685, 5691, 5692, 5693, 5694, 5700, 5781, 5782, 5783, 5790)
+
+def compose_services() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+
+def node_ports() -> list[int]:
+    """The ports of every node the tests start, in this run's slot (mtls1's plain one too)."""
+    mtls = test_security.MTLS_PORT
+    tls = [test_security.PLAIN_PORT, test_security.TLS_PORT, mtls - 1, mtls]
+    return [*nodes.CLUSTER_PORTS, nodes.MAIN_PORT, partition.PORT, test_cluster.ALARM_PORT, *tls]
 
 
 def test_compose_file_runs_a_current_rabbitmq_with_a_healthcheck() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose_services()
     # The one service that `docker compose up` starts: the others are in profiles.
-    (service,) = (s for s in compose["services"].values() if "profiles" not in s)
+    (service,) = (s for s in services.values() if "profiles" not in s)
     assert service["image"] == "rabbitmq:4.3-management"  # the version the suite proves
     assert {"5672:5672", "15672:15672"} <= set(service["ports"])
     # `docker compose up --wait` waits on this: it must really ping the broker.
@@ -29,10 +37,10 @@ def test_compose_file_runs_a_current_rabbitmq_with_a_healthcheck() -> None:
 
 
 def test_compose_cluster_profile_runs_three_clustered_nodes() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose_services()
     nodes = {
         name: service
-        for name, service in compose["services"].items()
+        for name, service in services.items()
         if "cluster" in service.get("profiles", ())
     }
     assert sorted(nodes) == ["rabbit1", "rabbit2", "rabbit3"]
@@ -66,23 +74,21 @@ def test_compose_cluster_profile_runs_three_clustered_nodes() -> None:
 def test_a_second_run_at_the_same_time_takes_nodes_ports_and_a_subnet_of_its_own() -> None:
     """This run holds its slot (tests/nodes.py); a second one started now takes another."""
     probe = (
-        "import json; from tests import nodes, partition; print(json.dumps([nodes.SLOT,"
-        f" partition.SUBNET, str(nodes.BASE), [nodes.port(p) for p in {NODE_PORTS}]]))"
+        "import json; from tests import nodes, partition; from tests.test_repository import"
+        " node_ports; print(json.dumps("
+        "[nodes.SLOT, partition.SUBNET, str(nodes.BASE), node_ports()]))"
     )
     env = {k: v for k, v in os.environ.items() if k != "RPC_TEST_SLOT"}
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True
     )
-    slot, subnet, base, ports = json.loads(done.stdout)
+    slot, subnet, base, theirs = json.loads(done.stdout)
     assert slot != nodes.SLOT and subnet != partition.SUBNET and base != str(nodes.BASE)
-    ours = {nodes.port(p) for p in NODE_PORTS}
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    ours = set(node_ports())
     published = {
-        int(mapping.split(":")[0])
-        for service in compose["services"].values()
-        for mapping in service["ports"]
+        int(mapping.split(":")[0]) for s in compose_services().values() for mapping in s["ports"]
     }
-    assert not ours & set(ports) and not (ours | set(ports)) & published
+    assert not ours & set(theirs) and not (ours | set(theirs)) & published
 
 
 def test_readme_quickstart_names_the_two_commands_ci_runs() -> None:
