@@ -28,7 +28,8 @@ from aio_pika.patterns import RPC
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project's scripts, from any working directory
-from rpc_client import DEFAULT_URL, FibonacciRpcClient  # noqa: E402
+from amqp_rpc import DEFAULT_URL  # noqa: E402
+from rpc_client import FibonacciRpcClient  # noqa: E402
 from rpc_server import fib  # noqa: E402  a loop, as in the tutorial's server; checks answers too
 
 SERVER = ROOT / "rpc_server.py"  # measured, unless --server names another version

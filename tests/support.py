@@ -40,12 +40,12 @@ from rabbitmq_amqp_python_client import (
     QuorumQueueSpecification,
 )
 
-import rpc_client
+import amqp_rpc
 import rpc_server
 from tests.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parent.parent
-URL = os.environ.get("AMQP_URL") or rpc_client.DEFAULT_URL
+URL = os.environ.get("AMQP_URL") or amqp_rpc.DEFAULT_URL
 READY = " [x] Awaiting RPC requests"
 
 

@@ -31,7 +31,7 @@ def test_a_reply_queue_given_as_an_address(
     start_server, amqp10: Amqp10Requester, rpc_queue: str
 ) -> None:
     """/queues/NAME, percent-encoded (this NAME has a space and a slash). RabbitMQ 4.3 hands
-    the server NAME; 4.0 hands it the address, which rpc_server.reply_queue() maps."""
+    the server NAME; 4.0 hands it the address, which amqp_rpc.reply_queue() maps."""
     start_server("--quiet")
     address = f"/queues/{rpc_queue}%20replies%2F1"
     amqp10.reply_queue(f"{rpc_queue} replies/1")

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 import pika
 import pytest
 
+import amqp_rpc
 import rpc_client
 import rpc_server
 from tests.nodes import CLUSTER_PORTS, Node, port, rabbitmq_major, start_cluster
@@ -111,7 +112,7 @@ def test_the_client_node_killed_calls_go_on(
     cluster: list[Node], queue: str, start_servers, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The client's node leads the queue too: the client reconnects as the leader dies."""
-    caplog.set_level(logging.INFO, logger="rpc_client")
+    caplog.set_level(logging.INFO, logger="amqp_rpc")
     with client_on_the_leader(cluster, queue, start_servers) as (client, node, name):
         assert client.call(30) == 832040
         killer = threading.Timer(1, node.kill)
@@ -405,7 +406,7 @@ def declare(nodes: list[Node], queue: str, on: Node) -> None:
     channel = connection.channel()
     if queue_info(nodes, queue).get("leader", on.name) != on.name:
         channel.queue_delete(queue=queue)
-    channel.queue_declare(queue=queue, durable=True, arguments=rpc_server.QUEUE_ARGUMENTS)
+    channel.queue_declare(queue=queue, durable=True, arguments=amqp_rpc.QUEUE_ARGUMENTS)
     connection.close()
     wait_until(lambda: all_members_in_step(nodes, queue), 30, f"{queue}: three members")
     assert queue_info(nodes, queue)["leader"] == on.name

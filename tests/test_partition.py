@@ -22,6 +22,7 @@ from datetime import datetime
 import pika
 import pytest
 
+import amqp_rpc
 import rpc_client
 import rpc_server
 from tests.partition import NamespacedNode, Partition, need_tools
@@ -120,7 +121,7 @@ def test_a_new_client_whose_first_node_is_cut_off_connects_through_another(
     cut_off, *majority = partition.nodes
     declare(partition, queue, on=majority[0])
     servers = start_servers(partition, queue, [{node.name for node in majority}])
-    monkeypatch.setattr(rpc_client.random, "shuffle", lambda nodes: None)  # the URLs' order
+    monkeypatch.setattr(amqp_rpc.random, "shuffle", lambda nodes: None)  # the URLs' order
     name = f"partition client {uuid.uuid4().hex}"
     urls = partition.url(name).split(",")
     timers = [threading.Timer(0, partition.cut, [cut_off]), threading.Timer(45, partition.heal)]
@@ -169,21 +170,21 @@ def declare(partition: Partition, queue: str, on: NamespacedNode) -> None:
     """Declare the queue as the server does, on a node that then leads it; wait for its
     three members."""
     connection = pika.BlockingConnection(pika.URLParameters(on.url))
-    connection.channel().queue_declare(queue, durable=True, arguments=rpc_server.QUEUE_ARGUMENTS)
+    connection.channel().queue_declare(queue, durable=True, arguments=amqp_rpc.QUEUE_ARGUMENTS)
     connection.close()
     wait_until(lambda: len(partition.queue_info(queue)["online"]) == 3, 30, "three members")
 
 
 def connections(partition: Partition, server: Server) -> list[tuple[float, str]]:
     """(wall-clock time, node) of each connection a server made, from its log lines
-    "<asctime> INFO rpc_server: connected to HOST:PORT"."""
+    "<asctime> INFO amqp_rpc: connected to HOST:PORT"."""
     return [
         (
             datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp(),
             partition.by_address(line.split("connected to ")[1].split(":")[0]).name,
         )
         for line in server.stderr
-        if "rpc_server: connected to " in line
+        if "amqp_rpc: connected to " in line
     ]
 
 

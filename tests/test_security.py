@@ -234,7 +234,7 @@ def assert_answered(done: subprocess.CompletedProcess[str]) -> None:
 
 def assert_refused(done: subprocess.CompletedProcess[str], script: str, reason: str) -> None:
     """Exit status 1 and one line on stderr (besides the server's log records), no traceback."""
-    lines = [line for line in done.stderr.splitlines() if " INFO rpc_" not in line]
+    lines = [line for line in done.stderr.splitlines() if " INFO amqp_rpc" not in line]
     assert done.returncode == 1, done.stderr
     assert len(lines) == 1 and lines[0].startswith(f"{script[:-3]}: "), done.stderr
     assert reason in lines[0]

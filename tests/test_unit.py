@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import amqp_rpc
 import rpc_client
 import rpc_server
 from tests.support import (
@@ -30,13 +31,22 @@ def test_fib_of_the_default_bound_fits_pythons_int_text_limit() -> None:
 
 
 def test_a_failed_computation_is_an_error_reply(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert rpc_server.answer(30) == (None, b"832040")
+    server = amqp_rpc.RpcServer(rpc_server.on_request)  # connects to nothing until run()
+    assert server.answer(b"30") == (b"832040", False)
 
     def out_of_memory(n: int) -> int:
         raise MemoryError
 
     monkeypatch.setattr(rpc_server, "fib", out_of_memory)
-    assert rpc_server.answer(30) == ("error", b"server error: MemoryError")
+    assert server.answer(b"30") == (b"server error: MemoryError", True)
+
+
+def test_a_value_error_from_the_handler_is_an_invalid_request() -> None:
+    server = amqp_rpc.RpcServer(rpc_server.on_request)
+    assert server.answer(b"x") == (
+        b"invalid request: n must be an integer from 0 to 20000, got 'x'",
+        True,
+    )
 
 
 @pytest.mark.parametrize(
@@ -69,19 +79,30 @@ def test_parse_request_refuses(body: bytes, shown: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "body", "raised", "message"),
+    ("reply", "raised", "message"),
     [
-        ("error", b"invalid request: bad", rpc_client.RpcError, "^invalid request: bad$"),
-        (None, b"<html>", rpc_client.RpcError, "^cannot read the reply"),
-        ("returned", b"30", rpc_client.NoServerError, "^no queue 'rpc_queue'"),
+        (
+            amqp_rpc.Reply(b"invalid request: bad", True, False),
+            rpc_client.RpcError,
+            "^invalid request: bad$",
+        ),
+        (amqp_rpc.Reply(b"30", False, True), rpc_client.NoServerError, "^no queue 'rpc_queue'"),
     ],
+    ids=["error-reply", "returned"],
 )
-def test_a_reply_that_is_not_an_answer_raises(kind, body, raised, message) -> None:
-    client = object.__new__(rpc_client.FibonacciRpcClient)  # no connection: replies are in
-    client.queue, client.responses = "rpc_queue", {"ok": (None, b"832040"), "no": (kind, body)}
-    assert client.wait(rpc_client.Request(30, deadline=0, corr_id="ok")) == 832040
+def test_a_reply_that_is_not_an_answer_raises(reply, raised, message) -> None:
+    client = object.__new__(amqp_rpc.RpcClient)  # no connection: the replies are in
+    answer = amqp_rpc.Reply(b"832040", error=False, returned=False)
+    client.queue, client.responses = "rpc_queue", {"ok": answer, "no": reply}
+    assert client.wait(amqp_rpc.Request(b"30", deadline=0, corr_id="ok")) == b"832040"
     with pytest.raises(raised, match=message):
-        client.wait(rpc_client.Request(30, deadline=0, corr_id="no"))
+        client.wait(amqp_rpc.Request(b"30", deadline=0, corr_id="no"))
+
+
+@pytest.mark.parametrize("body", [b"<html>", b"", b"1" * 5000])
+def test_a_reply_that_is_no_number_is_an_rpc_error(body: bytes) -> None:
+    with pytest.raises(rpc_client.RpcError, match=r"^cannot read the reply: "):
+        rpc_client.read_answer(body)
 
 
 @pytest.mark.parametrize(
@@ -98,7 +119,7 @@ def test_a_reply_that_is_not_an_answer_raises(kind, body, raised, message) -> No
     ],
 )
 def test_a_reply_to_is_a_queue_or_an_amqp_1_0_queue_address(reply_to, queue) -> None:
-    assert rpc_server.reply_queue(reply_to) == queue
+    assert amqp_rpc.reply_queue(reply_to) == queue
 
 
 def test_errors_subclass_the_builtin_ones() -> None:
@@ -109,9 +130,7 @@ def test_errors_subclass_the_builtin_ones() -> None:
 
 def test_several_urls_make_a_shuffled_list_of_nodes() -> None:
     url = ",".join(f"amqp://u:p@127.0.0.1:{port}/%2F" for port in range(5681, 5691))
-    orders = {
-        tuple(node.port for node in rpc_client.broker_parameters(url, "t")) for _ in range(20)
-    }
+    orders = {tuple(node.port for node in amqp_rpc.broker_parameters(url, "t")) for _ in range(20)}
     assert {frozenset(order) for order in orders} == {frozenset(range(5681, 5691))}
     assert len(orders) > 1  # spread: 20 shuffles of 10 nodes alike by chance is 1 in 10**130
 
@@ -119,16 +138,16 @@ def test_several_urls_make_a_shuffled_list_of_nodes() -> None:
 def test_a_comma_inside_a_query_does_not_split_a_url() -> None:
     name = "%7B%27connection_name%27%3A+%27a%2Cb%27%7D"  # {'connection_name': 'a,b'}
     url = f"amqp://u:p@h1/%2F?client_properties={name},amqps://u:p@h2:5671/%2F"
-    nodes = sorted(rpc_client.broker_parameters(url, "t"), key=lambda node: node.host)
+    nodes = sorted(amqp_rpc.broker_parameters(url, "t"), key=lambda node: node.host)
     assert [(node.host, node.port) for node in nodes] == [("h1", 5672), ("h2", 5671)]
     assert nodes[0].client_properties["connection_name"] == "a,b"  # the URL's name wins
     assert nodes[1].client_properties["connection_name"] == "t"
 
 
 def test_nodes_are_given_a_bound_on_a_blocked_connection() -> None:
-    (node,) = rpc_client.broker_parameters("amqp://u:p@h/%2F", "t")
-    assert node.blocked_connection_timeout == rpc_client.BLOCKED_TIMEOUT
-    (node,) = rpc_client.broker_parameters("amqp://u:p@h/%2F?blocked_connection_timeout=5", "t")
+    (node,) = amqp_rpc.broker_parameters("amqp://u:p@h/%2F", "t")
+    assert node.blocked_connection_timeout == amqp_rpc.BLOCKED_TIMEOUT
+    (node,) = amqp_rpc.broker_parameters("amqp://u:p@h/%2F?blocked_connection_timeout=5", "t")
     assert node.blocked_connection_timeout == 5
 
 
@@ -151,10 +170,10 @@ BAD_URLS = [
     ("amqps://guest:s3cret-pw@localhost/?ssl_options=%7B", "invalid broker URL: '{' was never"),
 ]
 SERVER_BAD_ARGS = [
-    (["--prefetch", "0"], "--prefetch must be from 1 to 65535"),
-    (["--prefetch", "65536"], "--prefetch must be from 1 to 65535"),
+    (["--prefetch", "0"], "prefetch must be from 1 to 65535"),
+    (["--prefetch", "65536"], "prefetch must be from 1 to 65535"),
     (["--max-n", "-1"], "--max-n must be at least 0"),
-    (["--queue", "q" * 256], "--queue must be at most 255 bytes, got 256"),
+    (["--queue", "q" * 256], "queue must be at most 255 bytes, got 256"),
     (["--prefetch", "x"], "argument --prefetch: invalid int value"),
     (["--quiet", "--verbose"], "not allowed with argument"),
     *((["--url", url], message) for url, message in BAD_URLS),
@@ -191,8 +210,10 @@ def test_bad_arguments_are_one_error_line_and_exit_2(
 
 def test_url_flag_beats_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/")
-    assert rpc_server.parse_args([]).url == "amqp://guest:guest@127.0.0.1:1/"
-    assert rpc_server.parse_args(["--url", "amqp://a:b@h:2/v"]).url == "amqp://a:b@h:2/v"
+    assert rpc_server.make_parser().parse_args([]).url == "amqp://guest:guest@127.0.0.1:1/"
+    assert (
+        rpc_server.make_parser().parse_args(["--url", "amqp://a:b@h:2/v"]).url == "amqp://a:b@h:2/v"
+    )
 
 
 @pytest.mark.parametrize("script", [rpc_server, rpc_client])
