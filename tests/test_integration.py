@@ -129,7 +129,7 @@ def test_no_queue_is_no_server_error_at_once(
     client, amqp_url: str, rpc_queue: str, monkeypatch
 ) -> None:
     # The request comes back (mandatory): no check of the queue, nor the timeout, is waited for.
-    monkeypatch.setattr(rpc_client, "CHECK_EVERY", 3600)
+    monkeypatch.setattr(amqp_rpc, "CHECK_EVERY", 3600)
     with pytest.raises(
         rpc_client.NoServerError, match=f"^no queue '{rpc_queue}', so no RPC server"
     ):
