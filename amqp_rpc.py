@@ -422,7 +422,6 @@ class RpcClient(contextlib.AbstractContextManager):
         if not self.channel.is_open:  # closed by what wait() processed: nothing is sent
             raise ConnectionLost("the channel closed before the request was sent")
         corr_id = str(uuid.uuid4())
-        request.corr_id = corr_id  # before the publish: one that raises may have been sent
         # expiration: a request no server took in time is dropped, not computed for nobody.
         ttl = str(max(1, math.ceil((request.deadline - time.monotonic()) * 1000)))
         # message_id too: AMQP 1.0 responders reply with it as the correlation id.
@@ -431,6 +430,7 @@ class RpcClient(contextlib.AbstractContextManager):
         )
         self.responses[corr_id] = None
         # mandatory: a request no queue takes comes back at once, as NoServerError.
+        request.corr_id = corr_id  # before the publish: one that raises may have been sent
         self.channel.basic_publish("", self.queue, request.body, properties, mandatory=True)
 
     def wait(self, request: Request) -> bytes:
