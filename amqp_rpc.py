@@ -92,7 +92,7 @@ class RpcServer:
 
     A ValueError from handler makes the error reply "invalid request: <its message>"; any
     other exception is logged, and makes "server error: <its type>". run() serves until
-    SIGINT, SIGTERM or stop(), and finishes the requests in hand first.
+    SIGINT or SIGTERM, and finishes the requests in hand first.
     """
 
     def __init__(
