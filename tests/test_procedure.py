@@ -56,7 +56,7 @@ def test_the_readmes_own_procedure_answers_refuses_bad_input_and_needs_a_server(
 def test_a_handler_slower_than_three_heartbeats_keeps_its_connection(
     start_server, client, amqp_url: str
 ) -> None:
-    server = start_server("--url", with_query(amqp_url, "heartbeat=1"), code=SLOW_FIB)
+    server = start_server(env={"AMQP_URL": with_query(amqp_url, "heartbeat=1")}, code=SLOW)
     assert client.call(30, timeout=60) == 832040
     assert server.stdout.count(READY) == 1  # never reconnected
     assert not any("lost" in line for line in server.stderr), server.stderr
@@ -81,18 +81,20 @@ def test_no_reply_stays_unacknowledged_and_a_finished_call_leaves_nothing_in_the
 
 # --- helpers and fixtures --------------------------------------------------------------
 
-# A server whose every request takes 3 s: three heartbeat intervals of heartbeat=1.
-SLOW_FIB = """import sys, time, rpc_server
-fib = rpc_server.fib
+# A server of a handler that takes 3 s, three heartbeat intervals of heartbeat=1; its
+# arguments: --queue NAME.
+SLOW = """import sys, time
+from amqp_rpc import RpcServer
 
 
-def slow_fib(n):
+def on_request(body):
     time.sleep(3)
-    return fib(n)
+    return str(rpc_server.fib(int(body))).encode()
 
 
-rpc_server.fib = slow_fib
-sys.exit(rpc_server.main(sys.argv[1:]))"""
+import rpc_server
+ready = lambda: print(" [x] Awaiting RPC requests", flush=True)
+RpcServer(on_request, queue=sys.argv[2], on_ready=ready).run()"""
 
 
 @pytest.fixture
