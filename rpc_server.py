@@ -75,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_n < 0:
         parser.error(f"--max-n must be at least 0, got {args.max_n}")
     handler = functools.partial(on_request, max_n=args.max_n, quiet=args.quiet)
+    threaded = args.max_n > FAST_N  # a raised --max-n may take longer than heartbeats allow
+    awaiting = functools.partial(print, " [x] Awaiting RPC requests", flush=True)
     try:
-        threaded = args.max_n > FAST_N  # a raised --max-n may take longer than heartbeats allow
         server = RpcServer(handler, args.url, args.queue, args.prefetch, threaded, awaiting)
     except ValueError as error:  # the URL, the queue or the prefetch
         parser.error(str(error))
@@ -91,10 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rpc_server: the broker refused: {error!r}", file=sys.stderr)
         return 1
     return 0
-
-
-def awaiting() -> None:
-    print(" [x] Awaiting RPC requests", flush=True)
 
 
 if __name__ == "__main__":
