@@ -25,16 +25,19 @@ except Exception:
     sys.exit(1)'
 }
 
+# refused: say that the broker at AMQP_URL refuses who we say we are, and stop.
+refused() {
+  echo "The broker at AMQP_URL answers but refuses its user name or password (or vhost)." >&2
+  exit 1
+}
+
 # ensure_broker: the broker at AMQP_URL if it answers; else one started with
 # docker compose or the local rabbitmq-server; else say how to get one.
 ensure_broker() {
   local status=0
   broker_answers || status=$?
   [ "$status" = 0 ] && return
-  if [ "$status" = 3 ]; then
-    echo "The broker at AMQP_URL answers but refuses its user name or password (or vhost)." >&2
-    exit 1
-  fi
+  [ "$status" = 3 ] && refused
   if docker info >/dev/null 2>&1; then
     echo "Starting RabbitMQ with docker compose..." >&2
     docker compose up -d --wait
