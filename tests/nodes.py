@@ -29,7 +29,9 @@ def claim_slot() -> int:
         return int(os.environ["RPC_TEST_SLOT"])
     for slot in range(4):
         path = Path(tempfile.gettempdir()) / f"rpc-tests-slot-{slot}.lock"
-        lock = open(path, "w")  # noqa: SIM115 (kept open: the lock is held while it is)
+        # NOTE: opened to read, as flock needs no more: a lock file that a run of another
+        # user (root's) left behind serves too. Kept open: the lock is held while it is.
+        lock = open(os.open(path, os.O_RDONLY | os.O_CREAT, 0o644))  # noqa: SIM115
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
