@@ -28,6 +28,8 @@ import aio_pika
 import pika
 from aio_pika.patterns import RPC
 from faststream.rabbit import Channel, QueueType, RabbitBroker, RabbitQueue
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project's scripts, from any working directory
@@ -87,7 +89,9 @@ def tutorial_server(url: str, queue: str, safe: bool, prefetch: int) -> int:
     return 0
 
 
-def on_request(safe: bool, ch, method, props, body: bytes) -> None:
+def on_request(
+    safe: bool, ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+) -> None:
     reply = pika.BasicProperties(correlation_id=props.correlation_id)
     answer = str(fib(int(body)))
     ch.basic_publish("", props.reply_to, answer, reply, mandatory=safe)
@@ -106,7 +110,9 @@ class TutorialClient:
         self.channel.basic_consume(self.reply_to, self.on_response, auto_ack=True)
         self.queue, self.safe, self.answers = queue, safe, {}
 
-    def on_response(self, ch, method, props, body: bytes) -> None:
+    def on_response(
+        self, ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
         self.answers[int(props.correlation_id)] = int(body)
 
     def call(self, n: int) -> int:
