@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Benchmark of the tutorial 6 RPC pair against a broker, beside what a user would pick instead:
 the official tutorial's pair, the tutorial made safe (publisher confirms on both channels, each
-waited for, and mandatory), aio-pika's patterns.RPC (confirms, the ack after the reply). Each
-works durable quorum queues of its own (bench_<uuid>, deleted afterwards); every answer of
-fib(30) is checked. Rows that are compared take turns, so that they share the machine's load.
+waited for, and mandatory), aio-pika's patterns.RPC and FastStream's broker.request() (both:
+confirms, the ack after the reply). Each works durable quorum queues of its own (bench_<uuid>,
+deleted afterwards); every answer of fib(30) is checked. Rows that are compared take turns, so
+that they share the machine's load.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -25,6 +27,9 @@ from pathlib import Path
 import aio_pika
 import pika
 from aio_pika.patterns import RPC
+from faststream.rabbit import Channel, QueueType, RabbitBroker, RabbitQueue
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project's scripts, from any working directory
@@ -38,7 +43,7 @@ QUORUM = {"x-queue-type": "quorum"}  # as the official tutorials declare rpc_que
 N = 30  # the tutorial's call
 Call = Callable[..., object]  # fib(n) for an n, or for a list of n with window=
 Case = tuple[Call, dict[str, str]]  # a row's call; the rows it is compared with, short names
-PAIRS = ("tutorial pair", "tutorial made safe", "aio-pika RPC", "this pair")
+PAIRS = ("tutorial pair", "tutorial made safe", "aio-pika RPC", "FastStream request", "this pair")
 SERVERS = ("the tutorial's server", "the tutorial made safe's server", "this server")
 
 
@@ -77,18 +82,20 @@ def tutorial_server(url: str, queue: str, safe: bool, prefetch: int) -> int:
     channel.queue_declare(queue=queue, durable=True, arguments=QUORUM)
     if safe:
         channel.confirm_delivery()  # each basic_publish now waits for its confirm
-
-    def on_request(ch, method, props, body: bytes) -> None:
-        reply = pika.BasicProperties(correlation_id=props.correlation_id)
-        answer = str(fib(int(body)))
-        ch.basic_publish("", props.reply_to, answer, reply, mandatory=safe)
-        ch.basic_ack(delivery_tag=method.delivery_tag)
-
     channel.basic_qos(prefetch_count=prefetch)
-    channel.basic_consume(queue=queue, on_message_callback=on_request)
+    channel.basic_consume(queue, functools.partial(on_request, safe))
     print(READY, flush=True)
     channel.start_consuming()
     return 0
+
+
+def on_request(
+    safe: bool, ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+) -> None:
+    reply = pika.BasicProperties(correlation_id=props.correlation_id)
+    answer = str(fib(int(body)))
+    ch.basic_publish("", props.reply_to, answer, reply, mandatory=safe)
+    ch.basic_ack(delivery_tag=method.delivery_tag)
 
 
 class TutorialClient:
@@ -103,7 +110,9 @@ class TutorialClient:
         self.channel.basic_consume(self.reply_to, self.on_response, auto_ack=True)
         self.queue, self.safe, self.answers = queue, safe, {}
 
-    def on_response(self, ch, method, props, body: bytes) -> None:
+    def on_response(
+        self, ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
         self.answers[int(props.correlation_id)] = int(body)
 
     def call(self, n: int) -> int:
@@ -135,35 +144,72 @@ async def aio_server(url: str, queue: str) -> None:
     await asyncio.Future()  # until killed
 
 
-class AioClient:
-    """aio-pika's patterns.RPC as a client: call() one at a time, call_many() window at once."""
+async def fast_server(url: str, queue: str) -> None:
+    """FastStream serving fib: its return value is the reply, confirmed, then the ack."""
+    broker = RabbitBroker(url, logger=None)  # no log line a message, as ours runs with -q
+    quorum = RabbitQueue(queue, queue_type=QueueType.QUORUM, durable=True)
+    broker.subscriber(quorum, channel=Channel(prefetch_count=1))(fib)  # fib(30) from "30"
+    await broker.start()
+    print(READY, flush=True)
+    await asyncio.Future()  # until killed
+
+
+class AsyncClient:
+    """An asyncio client as a synchronous caller runs it: call() each through the event loop's
+    run_until_complete, call_many() as one gather with window calls in flight at most."""
 
     def __init__(self, url: str, queue: str) -> None:
         self.loop, self.queue = asyncio.new_event_loop(), queue
         self.loop.run_until_complete(self.connect(url))
 
+    def call(self, n: int) -> int:
+        return self.loop.run_until_complete(self.ask(n))
+
+    def call_many(self, ns: list[int], window: int) -> list[int]:
+        return self.loop.run_until_complete(self.gather(ns, window))
+
+    async def gather(self, ns: list[int], window: int) -> list[int]:
+        room = asyncio.Semaphore(window)
+        return await asyncio.gather(*(self.ask_in(room, n) for n in ns))
+
+    async def ask_in(self, room: asyncio.Semaphore, n: int) -> int:
+        async with room:
+            return await self.ask(n)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.disconnect())
+        self.loop.close()
+
+
+class AioClient(AsyncClient):
+    """aio-pika's patterns.RPC: its channels confirm publishes by default."""
+
     async def connect(self, url: str) -> None:
         self.connection = await aio_pika.connect(url)
         self.rpc = await RPC.create(await self.connection.channel(), exclusive=True)
 
-    def call(self, n: int) -> int:
-        return self.loop.run_until_complete(self.rpc.call(self.queue, {"n": n}))
+    async def ask(self, n: int) -> int:
+        return await self.rpc.call(self.queue, {"n": n})
 
-    def call_many(self, ns: list[int], window: int) -> list[int]:
-        async def calls() -> list[int]:
-            room = asyncio.Semaphore(window)
+    async def disconnect(self) -> None:
+        await self.connection.close()
 
-            async def one(n: int) -> int:
-                async with room:
-                    return await self.rpc.call(self.queue, {"n": n})
 
-            return await asyncio.gather(*map(one, ns))
+class FastClient(AsyncClient):
+    """FastStream's broker.request(): direct reply-to, the request confirmed and mandatory.
+    NOTE: it holds one lock per broker until the reply comes, so a gather of 100 requests
+    has one in flight at a time: the row shows what a user who tries it gets."""
 
-        return self.loop.run_until_complete(calls())
+    async def connect(self, url: str) -> None:
+        self.broker = RabbitBroker(url, logger=None)
+        await self.broker.connect()
 
-    def close(self) -> None:
-        self.loop.run_until_complete(self.connection.close())
-        self.loop.close()
+    async def ask(self, n: int) -> int:
+        reply = await self.broker.request(n, queue=self.queue)
+        return await reply.decode()
+
+    async def disconnect(self) -> None:
+        await self.broker.stop()
 
 
 @dataclass
@@ -178,7 +224,8 @@ class Bench:
 
     def start(self, script: Path, *options: str) -> str:
         """A server on a new queue, both gone when the stack closes, ready; the queue's name."""
-        self.queues.append(queue := f"bench_{uuid.uuid4().hex}")
+        queue = f"bench_{uuid.uuid4().hex}"
+        self.queues.append(queue)
         self.stack.callback(self.delete, queue)
         command = [sys.executable, script, "--url", self.url, "--queue", queue, *options]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}  # a --server elsewhere imports ours
@@ -196,7 +243,7 @@ class Bench:
         return self.open(FibonacciRpcClient(self.url, timeout=60, queue=queue))
 
     def peer(self, kind: str, *options: str) -> str:
-        """A server of the benchmark's own (tutorial, safe or aio) on a new queue; its name."""
+        """A server of the benchmark's own (tutorial, safe, aio or fast) on a new queue; its name."""
         return self.start(Path(__file__).resolve(), "--serve", kind, *options)
 
     def open(self, client: object) -> object:
@@ -237,16 +284,19 @@ def workloads(bench: Bench) -> None:
     tutorial = bench.open(TutorialClient(bench.url, bench.peer("tutorial")))
     safe = bench.open(TutorialClient(bench.url, bench.peer("safe"), safe=True))
     aio = bench.open(AioClient(bench.url, bench.peer("aio")))
+    fast = bench.open(FastClient(bench.url, bench.peer("fast")))
     ours = bench.ours()
     modes = ("sequential", bench.sequential, 0), ("100 in flight", bench.pipelined, 100)
     for mode, turns, window in modes:
-        tut, made, aiop, this = (f"{mode}, {pair}" for pair in PAIRS)
+        tut, made, aiop, fasts, this = (f"{mode}, {pair}" for pair in PAIRS)
         method = "call_many" if window else "call"
+        bases = {tut: "tutorial", made: "made safe", aiop: "aio-pika", fasts: "FastStream"}
         cases = {
             tut: (getattr(tutorial, method), {}),
             made: (getattr(safe, method), {tut: "tutorial"}),
             aiop: (getattr(aio, method), {tut: "tutorial"}),
-            this: (getattr(ours, method), {tut: "tutorial", made: "made safe", aiop: "aio-pika"}),
+            fasts: (getattr(fast, method), {tut: "tutorial"}),
+            this: (getattr(ours, method), bases),
         }
         bench.in_turns(cases, turns, window)
     # The same client, ours, to one server of each kind that holds 10 requests at once.
@@ -277,12 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny counts: does it all work?")
     parser.add_argument("--server", type=Path, default=SERVER, help="the rpc_server.py to measure")
     hidden = argparse.SUPPRESS  # run as one of the peers' servers, on --queue
-    parser.add_argument("--serve", choices=["tutorial", "safe", "aio"], help=hidden)
+    parser.add_argument("--serve", choices=["tutorial", "safe", "aio", "fast"], help=hidden)
     parser.add_argument("--queue", help=hidden)
     parser.add_argument("--prefetch", type=int, default=1, help=hidden)
     args = parser.parse_args(argv)
     if args.serve == "aio":
         asyncio.run(aio_server(args.url, args.queue))
+    if args.serve == "fast":
+        asyncio.run(fast_server(args.url, args.queue))
     if args.serve:
         return tutorial_server(args.url, args.queue, args.serve == "safe", args.prefetch)
     settings = ((2, 10), (2, 20)) if args.quick else ((40, 50), (8, 400))

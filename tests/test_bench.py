@@ -26,7 +26,7 @@ from tests.support import (
 )
 
 BENCH = "bench/rpc_bench.py"
-PAIRS = ["tutorial pair", "tutorial made safe", "aio-pika RPC", "this pair"]
+PAIRS = ["tutorial pair", "tutorial made safe", "aio-pika RPC", "FastStream request", "this pair"]
 SEQUENTIAL = [f"sequential, {pair}" for pair in PAIRS]  # one call at a time: latencies measured
 PIPELINED = [  # 100 calls in flight: no latency per call
     *(f"100 in flight, {pair}" for pair in PAIRS),
@@ -76,11 +76,13 @@ def test_quick_run_gives_a_row_for_every_workload(quick_run: tuple) -> None:
         assert set(row["ratios"]) <= set(earlier) and all(r > 0 for r in row["ratios"].values())
         notes = [note[: note.index(" of ") + 4] for note in row["note"].split("; ") if note]
         assert notes == [f"x{ratio:.2f} of " for ratio in row["ratios"].values()], row
-    # This pair beside the three baselines, one call at a time and 100 in flight; the
-    # pipelined servers beside the tutorial's.
+    # This pair beside the four baselines, one call at a time and 100 in flight, and each
+    # baseline but the tutorial's beside it; the pipelined servers beside the tutorial's.
     for mode in ("sequential", "100 in flight"):
-        assert list(by_label[f"{mode}, this pair"]["ratios"]) == [f"{mode}, {p}" for p in PAIRS[:3]]
+        assert list(by_label[f"{mode}, this pair"]["ratios"]) == [f"{mode}, {p}" for p in PAIRS[:4]]
         assert by_label[f"{mode}, tutorial pair"]["ratios"] == {}
+        for pair in PAIRS[1:4]:
+            assert list(by_label[f"{mode}, {pair}"]["ratios"]) == [f"{mode}, tutorial pair"]
     assert list(by_label[PIPELINED[-1]]["ratios"]) == [PIPELINED[-3]]
     # The table on stdout: a header, then a line per row, in the same order.
     header, *lines = done.stdout.splitlines()
@@ -94,14 +96,29 @@ def test_quick_run_gives_a_row_for_every_workload(quick_run: tuple) -> None:
 def test_quick_run_deletes_its_queues(amqp_url: str, quick_run: tuple) -> None:
     _, report = quick_run
     queues = report["queues"]
-    # one a pair (4), then one a server at prefetch 10 (3)
-    assert len(queues) == len(set(queues)) == 7
+    # one a pair (5), then one a server at prefetch 10 (3)
+    assert len(queues) == len(set(queues)) == 8
     with connect(amqp_url, "test_bench cleanup check") as connection:
         for name in queues:
             assert name.startswith("bench_")
             with pytest.raises(ChannelClosedByBroker) as raised:
                 connection.channel().queue_declare(queue=name, passive=True)
             assert raised.value.reply_code == 404, name
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra"),
+    [("tutorial", {}), ("safe", {}), ("aio", {"x-dead-letter-exchange": "rpc.dlx"}), ("fast", {})],
+)
+def test_each_baseline_serves_a_durable_quorum_queue(amqp_url: str, kind: str, extra: dict) -> None:
+    bench = load_bench()
+    runner = bench.Bench(amqp_url, bench.SERVER, (1, 1), (1, 1))
+    with runner.stack, connect(amqp_url, f"test_bench {kind} queue check") as connection:
+        queue = runner.peer(kind)
+        # A declare that differs in durability or arguments is refused with 406; aio-pika's
+        # patterns.RPC adds a dead-letter exchange of its own.
+        arguments = {**bench.QUORUM, **extra}
+        connection.channel().queue_declare(queue, durable=True, arguments=arguments)
 
 
 def test_a_wrong_answer_fails_the_run() -> None:
@@ -131,7 +148,7 @@ def test_importing_the_benchmark_connects_to_nothing(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(pika, "BlockingConnection", refuse)
     monkeypatch.setattr(subprocess, "Popen", refuse)
-    for name in ("rpc_client", "rpc_server"):  # imported afresh, under the same watch
+    for name in ("amqp_rpc", "rpc_client", "rpc_server"):  # imported afresh, under the same watch
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.delitem(sys.modules, "rpc_bench_import_check", raising=False)
     bench = load_bench("rpc_bench_import_check")
