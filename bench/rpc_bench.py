@@ -37,7 +37,6 @@ from amqp_rpc import DEFAULT_URL  # noqa: E402
 from rpc_client import FibonacciRpcClient  # noqa: E402
 from rpc_server import fib  # noqa: E402  a loop, as in the tutorial's server; checks answers too
 
-SERVER = ROOT / "rpc_server.py"  # measured, unless --server names another version
 READY = " [x] Awaiting RPC requests"
 QUORUM = {"x-queue-type": "quorum"}  # as the official tutorials declare rpc_queue
 N = 30  # the tutorial's call
@@ -215,7 +214,6 @@ class FastClient(AsyncClient):
 @dataclass
 class Bench:
     url: str
-    server: Path  # the rpc_server.py measured, SERVER unless another
     sequential: tuple[int, int]  # turns that rows of calls one at a time take, calls a turn
     pipelined: tuple[int, int]  # the same for rows of calls 100 in flight
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # servers, clients
@@ -228,8 +226,7 @@ class Bench:
         self.queues.append(queue)
         self.stack.callback(self.delete, queue)
         command = [sys.executable, script, "--url", self.url, "--queue", queue, *options]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}  # a --server elsewhere imports ours
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE)
         self.stack.enter_context(process)  # waits for it, after the kill below
         self.stack.callback(process.kill)
         if process.stdout.readline() != f"{READY}\n".encode():  # its errors: on our stderr
@@ -237,7 +234,7 @@ class Bench:
         return queue
 
     def ours(self, *options: str) -> FibonacciRpcClient:
-        return self.client(self.start(self.server, "-q", *options))
+        return self.client(self.start(ROOT / "rpc_server.py", "-q", *options))
 
     def client(self, queue: str) -> FibonacciRpcClient:
         return self.open(FibonacciRpcClient(self.url, timeout=60, queue=queue))
@@ -325,7 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=url, help="broker URL (default: $AMQP_URL or localhost)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
     parser.add_argument("--quick", action="store_true", help="tiny counts: does it all work?")
-    parser.add_argument("--server", type=Path, default=SERVER, help="the rpc_server.py to measure")
     hidden = argparse.SUPPRESS  # run as one of the peers' servers, on --queue
     parser.add_argument("--serve", choices=["tutorial", "safe", "aio", "fast"], help=hidden)
     parser.add_argument("--queue", help=hidden)
@@ -338,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         return tutorial_server(args.url, args.queue, args.serve == "safe", args.prefetch)
     settings = ((2, 10), (2, 20)) if args.quick else ((40, 50), (8, 400))
-    bench = Bench(args.url, args.server.resolve(), *settings)
+    bench = Bench(args.url, *settings)
     with bench.stack:
         workloads(bench)  # raises on a wrong answer
     rows = list(bench.rows.values())
