@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import subprocess
 import urllib.parse
@@ -24,6 +25,7 @@ import trustme
 from tests.nodes import Node, port
 from tests.support import (
     READY,
+    ROOT,
     Server,
     fail_or_skip,
     run_script,
@@ -41,16 +43,16 @@ MTLS_PORT = port(5694)  # mtls1's TLS listener (its plain one is on 5693)
 HOSTNAME = "localhost"  # the only name in the nodes' certificates
 
 # The least permissions each script needs, (configure, write, read), found by experiment
-# (test_each_grant_of_the_minimum_is_needed takes each one away):
-#   rabbitmqctl set_permissions -p / rpc-server '^$' '^amq\.default$' '^rpc_queue$'
-#   rabbitmqctl set_permissions -p / rpc-client '^amq\.gen-.*' '^amq\.default$' '^amq\.gen-.*'
-# The server configures nothing (its queue is declared by an admin; a passive declare
+# (test_each_grant_of_the_minimum_is_needed takes each one away), as docs/production.md
+# gives them to operators, read from its rabbitmqctl set_permissions lines:
+# the server configures nothing (its queue is declared by an admin; a passive declare
 # needs no permission), reads rpc_queue (basic.consume) and writes to the default
 # exchange (its replies). The client configures and reads its server-named reply queue
 # (queue.declare, basic.consume) and writes to the default exchange (its requests).
 LEAST_PRIVILEGE = {
-    "rpc-server": ("^$", r"^amq\.default$", "^rpc_queue$"),
-    "rpc-client": (r"^amq\.gen-.*", r"^amq\.default$", r"^amq\.gen-.*"),
+    shlex.split(line)[4]: tuple(shlex.split(line)[5:])
+    for line in (ROOT / "docs" / "production.md").read_text().splitlines()
+    if line.startswith("rabbitmqctl set_permissions -p / ")
 }
 NARROWED = "rpc-narrowed"  # an account given the minimum less one grant, test by test
 
