@@ -112,7 +112,7 @@ def test_quick_run_deletes_its_queues(amqp_url: str, quick_run: tuple) -> None:
 )
 def test_each_baseline_serves_a_durable_quorum_queue(amqp_url: str, kind: str, extra: dict) -> None:
     bench = load_bench()
-    runner = bench.Bench(amqp_url, bench.SERVER, (1, 1), (1, 1))
+    runner = bench.Bench(amqp_url, (1, 1), (1, 1))
     with runner.stack, connect(amqp_url, f"test_bench {kind} queue check") as connection:
         queue = runner.peer(kind)
         # A declare that differs in durability or arguments is refused with 406; aio-pika's
