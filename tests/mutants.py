@@ -94,9 +94,9 @@ MUTANTS = [
     (
         "a request leaves the to-do list only once it is in flight",
         M,
-        "batch.in_flight.append(Request(batch.todo.popleft(), deadline))\n"
+        "batch.in_flight.append(Request(batch.todo.popleft(), deadline, span=span))\n"
         "                self.send(batch.in_flight[-1])",
-        "request = Request(batch.todo.popleft(), deadline)\n"
+        "request = Request(batch.todo.popleft(), deadline, span=span)\n"
         "                self.send(request)\n"
         "                batch.in_flight.append(request)",
         "test_integration.py::test_call_many_sends_a_lost_publish_again_and_answers_each_n_in_order",
