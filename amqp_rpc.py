@@ -224,7 +224,8 @@ class RpcServer:
         corr_id = props.correlation_id or props.message_id
         properties = pika.BasicProperties(correlation_id=corr_id, type="error" if failed else None)
         # Only queued here, sent by the I/O loop: its confirm cannot come before it is recorded.
-        channel.basic_publish("", reply_queue(props.reply_to), body, properties)
+        with amqp_tracing.current(delivery.span):
+            channel.basic_publish("", reply_queue(props.reply_to), body, properties)
         amqp_tracing.end(delivery.span, body)
         self.published += 1
         self.unconfirmed[self.published] = (delivery.tag, corr_id)
@@ -449,7 +450,9 @@ class RpcClient(contextlib.AbstractContextManager):
         self.responses[corr_id] = None
         # mandatory: a request no queue takes comes back at once, as NoServerError.
         request.corr_id = corr_id  # before the publish: one that raises may have been sent
-        self.channel.basic_publish("", self.queue, request.body, properties, mandatory=True)
+        # tracing: no mark if it raises, as the request may be sent again, in the same span
+        with amqp_tracing.current(request.span, marks=False):
+            self.channel.basic_publish("", self.queue, request.body, properties, mandatory=True)
 
     def wait(self, request: Request) -> bytes:
         """The tutorial's wait in process_data_events until the reply comes; its body, or raise."""

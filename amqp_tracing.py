@@ -73,12 +73,15 @@ def start_request(queue: str, props: pika.BasicProperties) -> Span | None:
     )
 
 
-def current(span: Span | None) -> contextlib.AbstractContextManager:
-    """span as the current span, in this thread: the handler's own spans are its children,
-    and an exception the handler raises marks it (status ERROR, the exception recorded)."""
+def current(span: Span | None, marks: bool = True) -> contextlib.AbstractContextManager:
+    """span as the current span, in this thread: spans made meanwhile (the handler's, a
+    publish's by another instrumentation) are its children. With marks, an exception raised
+    meanwhile marks it (status ERROR, the exception recorded)."""
     if span is None:
         return contextlib.nullcontext()
-    return trace.use_span(span, end_on_exit=False)
+    return trace.use_span(
+        span, end_on_exit=False, record_exception=marks, set_status_on_exception=marks
+    )
 
 
 def end(span: Span | None, reply: bytes | None) -> None:
