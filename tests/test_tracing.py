@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import amqp_rpc
 import rpc_client
 from tests.support import ROOT, request, wait_until
+from tests.test_integration import lose_publishes
 
 SERVERS = {"inline": [], "threaded": ["--max-n", "20001"]}  # rpc_server.py: threaded past 20000
 
@@ -74,6 +75,29 @@ def test_a_timeout_and_no_server_end_the_client_span_with_error(
         client.call(10, timeout=0.3)
     (sent,) = client_spans()
     assert marked(sent) == f"amqp_rpc.{raised.__name__}"
+
+
+def test_a_request_sent_again_after_a_lost_connection_stays_in_its_one_span(
+    traced_server, client, client_spans, rpc_queue: str, monkeypatch
+) -> None:
+    server_spans = traced_server()
+    lose_publishes(monkeypatch, rpc_queue, 1)  # the first raises, as in a lost connection
+    assert client.call(10) == 55
+    (sent,) = client_spans()
+    (served,) = server_spans(1)
+    assert sent["status"]["status_code"] == "UNSET"
+    assert served["parent_id"] == sent["context"]["span_id"]
+
+
+def test_a_lost_connection_ends_the_client_span_with_error(
+    client_spans, amqp_url: str, rpc_queue: str, monkeypatch
+) -> None:
+    lose_publishes(monkeypatch, rpc_queue, 1)
+    lost = pytest.raises(rpc_client.RpcConnectionError)
+    with rpc_client.FibonacciRpcClient(amqp_url, queue=rpc_queue, retries=0) as client, lost:
+        client.call(10)
+    (sent,) = client_spans()
+    assert marked(sent) == "amqp_rpc.RpcConnectionError"
 
 
 def test_the_tutorials_client_gets_its_answer_and_a_trace_of_its_own(
