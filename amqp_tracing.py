@@ -36,9 +36,12 @@ def start_call(queue: str) -> Span | None:
         return None
     # NOTE: named for the queue, never for the reply queue, which is new for every client.
     send = messaging.MessagingOperationTypeValues.SEND.value
-    return TRACER.start_span(
+    span = TRACER.start_span(
         f"{send} {queue}", kind=trace.SpanKind.CLIENT, attributes=attributes(queue, send)
     )
+    # NOTE: an invalid span is the API's no-op when no SDK is configured and no trace is to be
+    # passed on: nothing to carry or record, so None spares the other functions here its cost.
+    return span if span.get_span_context().is_valid else None
 
 
 def request_headers(span: Span | None, corr_id: str) -> dict[str, str] | None:
@@ -49,7 +52,7 @@ def request_headers(span: Span | None, corr_id: str) -> dict[str, str] | None:
     span.set_attribute(messaging.MESSAGING_MESSAGE_CONVERSATION_ID, corr_id)
     headers: dict[str, str] = {}
     propagate.inject(headers, context=trace.set_span_in_context(span))
-    return headers or None  # no context to carry (a no-op span): no headers at all
+    return headers
 
 
 def start_request(queue: str, props: pika.BasicProperties) -> Span | None:
@@ -65,12 +68,13 @@ def start_request(queue: str, props: pika.BasicProperties) -> Span | None:
     corr_id = props.correlation_id or props.message_id  # as the server replies with it
     if isinstance(corr_id, str):
         named[messaging.MESSAGING_MESSAGE_CONVERSATION_ID] = corr_id
-    return TRACER.start_span(
+    span = TRACER.start_span(
         f"{process} {queue}",
         context=propagate.extract(carrier),
         kind=trace.SpanKind.SERVER,
         attributes=named,
     )
+    return span if span.get_span_context().is_valid else None  # as in start_call
 
 
 def current(span: Span | None, marks: bool = True) -> contextlib.AbstractContextManager:
