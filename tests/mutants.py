@@ -507,6 +507,13 @@ MUTANTS = [
         "test_tracing.py::test_a_header_the_propagator_cannot_read_starts_a_trace_of_its_own",
     ),
     (
+        "with the API and no SDK configured, nothing is sent (no headers)",
+        T_,
+        "    return span if span.get_span_context().is_valid else None\n\n\ndef request_headers",
+        "    return span\n\n\ndef request_headers",
+        "test_tracing.py::test_with_the_api_and_no_sdk_configured_a_request_carries_no_headers",
+    ),
+    (
         "without OpenTelemetry the pair works",
         T_,
         "except ImportError:",

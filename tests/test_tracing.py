@@ -159,6 +159,24 @@ def test_without_opentelemetry_the_pair_still_works(
     assert (done.stdout, done.stderr) == ("None 55\n", "")
 
 
+def test_with_the_api_and_no_sdk_configured_a_request_carries_no_headers(
+    broker, amqp_url: str, rpc_queue: str
+) -> None:
+    # NOTE: a classic queue, as a quorum queue adds a header of its own (x-delivery-count).
+    broker.queue_declare(queue=rpc_queue, durable=True)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_SERVER_CALL, amqp_url, rpc_queue],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert (done.stdout, done.stderr) == ("ProxyTracer\n", "")  # the API's, with no SDK
+    method, props, _ = broker.basic_get(rpc_queue, auto_ack=True)
+    assert method is not None, "the request is not in the queue"
+    assert props.headers is None
+
+
 def test_the_readmes_tracing_example_prints_the_client_span(start_server, amqp_url: str) -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("\n## Tracing\n") : readme.index("\n## Configuration\n")]
@@ -183,6 +201,18 @@ def test_the_readmes_tracing_example_prints_the_client_span(start_server, amqp_u
 
 # NOTE: None in sys.modules makes any import of opentelemetry raise ImportError.
 WITHOUT_OPENTELEMETRY = 'import sys\nsys.modules["opentelemetry"] = None\n'
+
+# A call, in a process with OpenTelemetry's API and no SDK configured, to a queue no server
+# consumes: its request stays there for the test to read.
+NO_SERVER_CALL = """import sys
+import amqp_tracing, rpc_client
+
+with rpc_client.FibonacciRpcClient(sys.argv[1], queue=sys.argv[2]) as fibonacci_rpc:
+    try:
+        fibonacci_rpc.call(10)
+    except rpc_client.NoServerError:
+        print(type(amqp_tracing.TRACER).__name__)
+"""
 
 # rpc_server.main with OpenTelemetry's SDK exporting each span, as it ends, to $SPANS_FILE.
 TRACED_SERVER = """import os, sys
