@@ -31,6 +31,8 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker
 from pika.spec import Basic
 
+import amqp_tracing
+
 LOGGER = logging.getLogger("amqp_rpc")
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
@@ -82,6 +84,7 @@ class Delivery:  # a request in hand, and the connection and channel it came on
     channel: pika.channel.Channel
     tag: int
     props: pika.BasicProperties
+    span: object = None  # its OpenTelemetry span, when tracing (amqp_tracing)
 
     def __str__(self) -> str:
         return f"the request {self.props.correlation_id or self.props.message_id!r}"
@@ -182,25 +185,28 @@ class RpcServer:
             ch.basic_ack(delivery_tag=method.delivery_tag)
             return
         self.in_hand.add(method.delivery_tag)
-        delivery = Delivery(self.connection, self.pika_channel, method.delivery_tag, props)
+        span = amqp_tracing.start_request(self.queue, props)
+        delivery = Delivery(self.connection, self.pika_channel, method.delivery_tag, props, span)
         if self.threaded:
             self.workers.submit(self.work, delivery, body)
         else:
-            self.reply(delivery, *self.answer(body))
+            self.reply(delivery, *self.answer(body, span))
 
     def work(self, delivery: Delivery, body: bytes) -> None:
         """In a worker thread: compute the reply, and hand it to the connection's thread."""
-        reply, failed = self.answer(body)
+        reply, failed = self.answer(body, delivery.span)
         publish = functools.partial(self.reply, delivery, reply, failed)
         try:
             delivery.connection.add_callback_threadsafe(publish)  # NOTE: pika is not thread-safe
         except AMQPConnectionError:  # lost meanwhile: the request is redelivered
             LOGGER.info("%s finished on a lost connection; another will answer it", delivery)
+            amqp_tracing.end(delivery.span, None)
 
-    def answer(self, body: bytes) -> tuple[bytes, bool]:
+    def answer(self, body: bytes, span: object = None) -> tuple[bytes, bool]:
         """The reply's body for a request's, and whether it is an error reply."""
         try:
-            return self.handler(body), False
+            with amqp_tracing.current(span):  # tracing: the handler's work is the request's
+                return self.handler(body), False
         except ValueError as error:  # the request's fault
             LOGGER.info("invalid request: %s", error)
             return f"invalid request: {error}".encode(), True
@@ -212,12 +218,15 @@ class RpcServer:
         """The tutorial's reply: published to reply_to, with the request's correlation_id."""
         channel, props = delivery.channel, delivery.props
         if channel is not self.pika_channel or not channel.is_open:  # redelivered, elsewhere
+            amqp_tracing.end(delivery.span, None)
             return
         # NOTE: AMQP 1.0 requesters (RabbitMQ 4's Requester) send only a message_id.
         corr_id = props.correlation_id or props.message_id
         properties = pika.BasicProperties(correlation_id=corr_id, type="error" if failed else None)
         # Only queued here, sent by the I/O loop: its confirm cannot come before it is recorded.
-        channel.basic_publish("", reply_queue(props.reply_to), body, properties)
+        with amqp_tracing.current(delivery.span):
+            channel.basic_publish("", reply_queue(props.reply_to), body, properties)
+        amqp_tracing.end(delivery.span, body)
         self.published += 1
         self.unconfirmed[self.published] = (delivery.tag, corr_id)
 
@@ -343,6 +352,7 @@ class Request:  # one body of a call
     body: bytes
     deadline: float  # time.monotonic()'s
     corr_id: str = ""  # of its latest publish, set before it: "" (never sent) costs no retry
+    span: object = None  # its OpenTelemetry span, from its first send, when tracing
 
 
 @dataclass
@@ -436,10 +446,13 @@ class RpcClient(contextlib.AbstractContextManager):
         properties = pika.BasicProperties(
             reply_to=self.callback_queue, correlation_id=corr_id, message_id=corr_id, expiration=ttl
         )
+        properties.headers = amqp_tracing.request_headers(request.span, corr_id)  # its trace's
         self.responses[corr_id] = None
         # mandatory: a request no queue takes comes back at once, as NoServerError.
         request.corr_id = corr_id  # before the publish: one that raises may have been sent
-        self.channel.basic_publish("", self.queue, request.body, properties, mandatory=True)
+        # tracing: no mark if it raises, as the request may be sent again, in the same span
+        with amqp_tracing.current(request.span, marks=False):
+            self.channel.basic_publish("", self.queue, request.body, properties, mandatory=True)
 
     def wait(self, request: Request) -> bytes:
         """The tutorial's wait in process_data_events until the reply comes; its body, or raise."""
@@ -535,6 +548,10 @@ class RpcClient(contextlib.AbstractContextManager):
                 self.reconnect_if_closed()
                 while batch.todo or batch.in_flight:
                     self.step(batch)
+            except Exception as error:  # tracing: each request in flight ends its span with it
+                for request in batch.in_flight:
+                    amqp_tracing.failed(request.span, error)
+                raise
             finally:
                 self.responses.clear()  # replies still to come are strays now
         # NOTE: one reply per body, in the order of bodies, or none: never a shifted list.
@@ -554,9 +571,12 @@ class RpcClient(contextlib.AbstractContextManager):
                 # NOTE: in flight before it is published: a publish that raises leaves it to be
                 # sent again, never lost.
                 deadline = time.monotonic() + batch.timeout
-                batch.in_flight.append(Request(batch.todo.popleft(), deadline))
+                span = amqp_tracing.start_call(self.queue)
+                batch.in_flight.append(Request(batch.todo.popleft(), deadline, span=span))
                 self.send(batch.in_flight[-1])
-            batch.done.append((batch.in_flight[0], self.wait(batch.in_flight[0])))
+            reply = self.wait(batch.in_flight[0])
+            amqp_tracing.end(batch.in_flight[0].span, reply)
+            batch.done.append((batch.in_flight[0], reply))
             batch.in_flight.popleft()
         except (AMQPConnectionError, ConnectionLost, NoServerError) as error:
             self.after_loss(batch, error)

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-M, S = "amqp_rpc.py", "rpc_server.py"
+M, S, T_ = "amqp_rpc.py", "rpc_server.py", "amqp_tracing.py"
 
 # (promise, file, code that keeps it, the code without it, the tests that must fail)
 MUTANTS = [
@@ -94,9 +94,9 @@ MUTANTS = [
     (
         "a request leaves the to-do list only once it is in flight",
         M,
-        "batch.in_flight.append(Request(batch.todo.popleft(), deadline))\n"
+        "batch.in_flight.append(Request(batch.todo.popleft(), deadline, span=span))\n"
         "                self.send(batch.in_flight[-1])",
-        "request = Request(batch.todo.popleft(), deadline)\n"
+        "request = Request(batch.todo.popleft(), deadline, span=span)\n"
         "                self.send(request)\n"
         "                batch.in_flight.append(request)",
         "test_integration.py::test_call_many_sends_a_lost_publish_again_and_answers_each_n_in_order",
@@ -112,8 +112,12 @@ MUTANTS = [
         "a publish that raised may have reached the broker: retries=0 sends it no more",
         M,
         "request.corr_id = corr_id  # before the publish: one that raises may have been sent\n"
-        '        self.channel.basic_publish("", self.queue, request.body, properties, mandatory=True)',
-        'self.channel.basic_publish("", self.queue, request.body, properties, mandatory=True)\n'
+        "        # tracing: no mark if it raises, as the request may be sent again, in the same span\n"
+        "        with amqp_tracing.current(request.span, marks=False):\n"
+        '            self.channel.basic_publish("", self.queue, request.body, properties, mandatory=True)',
+        "# tracing: no mark if it raises, as the request may be sent again, in the same span\n"
+        "        with amqp_tracing.current(request.span, marks=False):\n"
+        '            self.channel.basic_publish("", self.queue, request.body, properties, mandatory=True)\n'
         "        request.corr_id = corr_id",
         "test_integration.py::test_with_retries_0_a_publish_that_may_have_been_sent_is_not_sent_again",
     ),
@@ -399,6 +403,122 @@ MUTANTS = [
         "if not look.queue_declare(queue=self.queue, passive=True).method.consumer_count:",
         "if not look.queue_declare(queue=self.queue, passive=True):",
         "test_partition.py::test_a_20_s_cut_of_one_node_no_wrong_answer_no_raw_exception",
+    ),
+    # --- tracing (amqp_tracing, used by amqp_rpc when OpenTelemetry is installed)
+    (
+        "a call is one trace: the request carries its span's context",
+        M,
+        "properties.headers = amqp_tracing.request_headers(request.span, corr_id)",
+        "properties.headers = None",
+        "test_tracing.py::test_a_call_is_one_trace_the_server_span_a_child_of_the_client_span",
+    ),
+    (
+        "each request carries its own span's context, not the caller's",
+        T_,
+        "propagate.inject(headers, context=trace.set_span_in_context(span))",
+        "propagate.inject(headers)",
+        "test_tracing.py::test_call_many_makes_a_span_per_request_under_the_callers_span",
+    ),
+    (
+        "the server's span is the child of the context the request carries",
+        T_,
+        "context=propagate.extract(carrier),",
+        "context=None,",
+        "test_tracing.py::test_a_call_is_one_trace_the_server_span_a_child_of_the_client_span",
+    ),
+    (
+        "the client's span ends with the answer",
+        M,
+        "amqp_tracing.end(batch.in_flight[0].span, reply)",
+        "pass",
+        "test_tracing.py::test_a_call_is_one_trace_the_server_span_a_child_of_the_client_span",
+    ),
+    (
+        "the server's span ends once the reply is published",
+        M,
+        "amqp_tracing.end(delivery.span, body)",
+        "pass",
+        "test_tracing.py::test_a_call_is_one_trace_the_server_span_a_child_of_the_client_span",
+    ),
+    (
+        "spans carry the correlation id",
+        T_,
+        "span.set_attribute(messaging.MESSAGING_MESSAGE_CONVERSATION_ID, corr_id)",
+        "pass",
+        "test_tracing.py::test_a_call_is_one_trace_the_server_span_a_child_of_the_client_span",
+    ),
+    (
+        "spans carry the reply's size",
+        T_,
+        "span.set_attribute(messaging.MESSAGING_MESSAGE_BODY_SIZE, len(reply))",
+        "pass",
+        "test_tracing.py::test_a_call_is_one_trace_the_server_span_a_child_of_the_client_span",
+    ),
+    (
+        "an error reply, a timeout, NoServerError or a lost connection ends the client's span"
+        " with status ERROR",
+        M,
+        "amqp_tracing.failed(request.span, error)",
+        "amqp_tracing.end(request.span, None)",
+        "test_tracing.py::test_an_error_reply_marks_both_spans"
+        " test_tracing.py::test_a_timeout_and_no_server_end_the_client_span_with_error"
+        " test_tracing.py::test_a_lost_connection_ends_the_client_span_with_error",
+    ),
+    (
+        "a request sent again after a lost connection stays in its one span, unmarked",
+        M,
+        "with amqp_tracing.current(request.span, marks=False):",
+        "with amqp_tracing.current(request.span):",
+        "test_tracing.py::test_a_request_sent_again_after_a_lost_connection_stays_in_its_one_span",
+    ),
+    (
+        "a handler's exception marks the server's span",
+        M,
+        "with amqp_tracing.current(span):  # tracing: the handler's work is the request's",
+        "with contextlib.nullcontext():  # tracing: the handler's work is the request's",
+        "test_tracing.py::test_an_error_reply_marks_both_spans",
+    ),
+    (
+        "a handler in a worker thread works in its request's span",
+        M,
+        "reply, failed = self.answer(body, delivery.span)",
+        "reply, failed = self.answer(body)",
+        "test_tracing.py::test_an_error_reply_marks_both_spans",
+    ),
+    (
+        "a handler in the connection's thread works in its request's span",
+        M,
+        "self.reply(delivery, *self.answer(body, span))",
+        "self.reply(delivery, *self.answer(body))",
+        "test_tracing.py::test_an_error_reply_marks_both_spans",
+    ),
+    (
+        "a request with no headers (the tutorial's client) is answered",
+        T_,
+        "headers = props.headers or {}",
+        "headers = props.headers",
+        "test_tracing.py::test_the_tutorials_client_gets_its_answer_and_a_trace_of_its_own",
+    ),
+    (
+        "a traceparent header that is not text does not stop the server",
+        T_,
+        "carrier = {key: value for key, value in headers.items() if isinstance(value, str)}",
+        "carrier = headers",
+        "test_tracing.py::test_a_header_the_propagator_cannot_read_starts_a_trace_of_its_own",
+    ),
+    (
+        "with the API and no SDK configured, nothing is sent (no headers)",
+        T_,
+        "    return span if span.get_span_context().is_valid else None\n\n\ndef request_headers",
+        "    return span\n\n\ndef request_headers",
+        "test_tracing.py::test_with_the_api_and_no_sdk_configured_a_request_carries_no_headers",
+    ),
+    (
+        "without OpenTelemetry the pair works",
+        T_,
+        "except ImportError:",
+        "except SyntaxError:",
+        "test_tracing.py::test_without_opentelemetry_the_pair_still_works",
     ),
     # --- the tests' own harness
     (
