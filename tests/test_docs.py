@@ -45,6 +45,7 @@ RUN_BY = {
     "rabbitmqctl set_permissions": "test_security.py::test_least_privilege_accounts_answer"
     " test_security.py::test_each_grant_of_the_minimum_is_needed",
     "rabbitmqctl set_policy rpc-limit": "test_docs.py::test_the_delivery_limit_policy_is_taken",
+    "ConsoleSpanExporter": "test_tracing.py::test_the_readmes_tracing_example_prints_the_client_span",
     "python bench/rpc_bench.py": "test_bench.py::test_quick_run_gives_a_row_for_every_workload",
 }
 
@@ -67,8 +68,8 @@ def test_the_two_terminals(amqp_url: str, tmp_path: Path) -> None:
     (block,) = blocks("README.md", ".venv/bin/python rpc_server.py")
     setup, docker, server_line, client_line, more = block.splitlines()
     assert "needs Docker" in docker  # the one line not run
-    for name in ("amqp_rpc.py", "rpc_server.py", "rpc_client.py", "requirements.txt"):
-        shutil.copy(ROOT / name, tmp_path)
+    for path in [*ROOT.glob("*.py"), ROOT / "requirements.txt"]:  # the pair, as a user has it
+        shutil.copy(path, tmp_path)
     subprocess.run(setup, shell=True, cwd=tmp_path, check=True, capture_output=True, timeout=300)
     env = {"AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(
