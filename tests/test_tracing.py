@@ -149,13 +149,7 @@ def test_without_opentelemetry_the_pair_still_works(
         "with rpc_client.FibonacciRpcClient(sys.argv[1], queue=sys.argv[2]) as fibonacci_rpc:\n"
         "    print(amqp_tracing.TRACER, fibonacci_rpc.call(10))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", client, amqp_url, rpc_queue],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    done = run_python(client, amqp_url, rpc_queue)
     assert (done.stdout, done.stderr) == ("None 55\n", "")
 
 
@@ -164,13 +158,7 @@ def test_with_the_api_and_no_sdk_configured_a_request_carries_no_headers(
 ) -> None:
     # NOTE: a classic queue, as a quorum queue adds a header of its own (x-delivery-count).
     broker.queue_declare(queue=rpc_queue, durable=True)
-    done = subprocess.run(
-        [sys.executable, "-c", NO_SERVER_CALL, amqp_url, rpc_queue],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    done = run_python(NO_SERVER_CALL, amqp_url, rpc_queue)
     assert (done.stdout, done.stderr) == ("ProxyTracer\n", "")  # the API's, with no SDK
     method, props, _ = broker.basic_get(rpc_queue, auto_ack=True)
     assert method is not None, "the request is not in the queue"
@@ -198,6 +186,14 @@ def test_the_readmes_tracing_example_prints_the_client_span(start_server, amqp_u
 
 
 # --- helpers and fixtures ---------------------------------------------------------------
+
+
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """code in a fresh interpreter, from the project's directory, with args as sys.argv[1:]."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+
 
 # NOTE: None in sys.modules makes any import of opentelemetry raise ImportError.
 WITHOUT_OPENTELEMETRY = 'import sys\nsys.modules["opentelemetry"] = None\n'
